@@ -1,0 +1,240 @@
+"""Strict JSON codec for :class:`streams.events.Event`.
+
+``decode`` either returns a valid event or raises :class:`InvalidEvent` with a
+machine-readable ``reason`` (one of :data:`REASONS`) and a human detail. It is a
+pure function: the reference time for the "too far in the future" check is an
+argument (the Kafka record timestamp on the live path), never the wall clock.
+
+Wire format (one JSON object)::
+
+    {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9",
+     "event_time": "2026-11-22T10:00:00.250Z", "schema_version": 1,
+     "context": {"surface": "home", "session_id": "s1", "device": "ios", "position": 3}}
+
+``impression`` carries ``items`` (the slate) and optionally ``request_id`` and
+``propensity``; ``item_upsert`` carries ``item_id`` and optionally ``eligible``,
+``category`` and ``vector`` (a bootstrap embedding).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from streams.errors import InvalidEvent
+from streams.events import SCHEMA_VERSION, Context, Event, EventType, datetime_to_ts, ts_to_datetime
+
+__all__ = ["REASONS", "MAX_EVENT_BYTES", "MAX_FUTURE_US", "decode", "encode", "to_dict", "from_dict"]
+
+#: Every reason ``decode`` can give, for DLQ consumers and metrics labels.
+REASONS = (
+    "oversized",
+    "bad_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "unknown_type",
+    "bad_timestamp",
+    "future_timestamp",
+    "unsupported_schema_version",
+    "bad_value",
+)
+
+MAX_EVENT_BYTES = 64 * 1024
+#: Events more than this far ahead of the reference time are rejected (1 hour).
+MAX_FUTURE_US = 3_600 * 1_000_000
+MAX_ID_LEN = 256
+MAX_SLATE = 1_000
+MAX_VECTOR = 4_096
+
+_TYPES = {t.value: t for t in EventType}
+_NEEDS_USER = frozenset(t for t in EventType if t is not EventType.ITEM_UPSERT)
+_NEEDS_ITEM = frozenset(
+    {EventType.VIEW, EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE, EventType.ITEM_UPSERT}
+)
+
+
+def _id(obj: dict[str, Any], name: str, required: bool) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise InvalidEvent("missing_field", f"{name!r} is required")
+        return None
+    if type(value) is not str:
+        raise InvalidEvent("wrong_type", f"{name!r} must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LEN:
+        raise InvalidEvent("bad_value", f"{name!r} must be 1..{MAX_ID_LEN} characters")
+    return value
+
+
+def _opt_str(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise InvalidEvent("wrong_type", f"{name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _parse_time(raw: Any) -> int:
+    if type(raw) is not str:
+        raise InvalidEvent("wrong_type", "'event_time' must be an ISO-8601 string with a timezone")
+    try:
+        dt = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise InvalidEvent("bad_timestamp", f"'event_time' is not ISO-8601: {raw[:64]!r}") from exc
+    if dt.tzinfo is None:
+        raise InvalidEvent("bad_timestamp", "'event_time' must carry a timezone (e.g. 'Z' or '+00:00')")
+    return datetime_to_ts(dt)
+
+
+def _context(raw: Any) -> Context:
+    if raw is None:
+        return Context()
+    if type(raw) is not dict:
+        raise InvalidEvent("wrong_type", "'context' must be an object")
+    position = raw.get("position")
+    if position is not None and (type(position) is not int or position < 0):
+        raise InvalidEvent("wrong_type", "'context.position' must be a non-negative integer")
+    return Context(
+        surface=_opt_str(raw, "surface"),
+        session_id=_opt_str(raw, "session_id"),
+        device=_opt_str(raw, "device"),
+        position=position,
+    )
+
+
+def from_dict(obj: Any, ref_us: int | None = None) -> Event:
+    """Validate a decoded JSON object and build an :class:`Event`.
+
+    ``ref_us`` is the reference time for the future check (None skips it).
+    """
+    if type(obj) is not dict:
+        raise InvalidEvent("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("schema_version")
+    if version is None:
+        raise InvalidEvent("missing_field", "'schema_version' is required")
+    if type(version) is not int:
+        raise InvalidEvent("wrong_type", "'schema_version' must be an integer")
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise InvalidEvent("unsupported_schema_version", f"schema_version {version} is not supported")
+    raw_type = obj.get("type")
+    if raw_type is None:
+        raise InvalidEvent("missing_field", "'type' is required")
+    etype = _TYPES.get(raw_type) if type(raw_type) is str else None
+    if etype is None:
+        raise InvalidEvent("unknown_type", f"unknown event type {str(raw_type)[:64]!r}")
+    event_id = _id(obj, "event_id", True)
+    if "event_time" not in obj:
+        raise InvalidEvent("missing_field", "'event_time' is required")
+    ts_us = _parse_time(obj["event_time"])
+    if ref_us is not None and ts_us > ref_us + MAX_FUTURE_US:
+        raise InvalidEvent("future_timestamp", "'event_time' is more than 1 hour after the record time")
+    user_id = _id(obj, "user_id", etype in _NEEDS_USER)
+    item_id = _id(obj, "item_id", etype in _NEEDS_ITEM)
+    items: tuple[str, ...] = ()
+    propensity = None
+    vector = None
+    eligible = True
+    if etype is EventType.IMPRESSION:
+        raw_items = obj.get("items")
+        if raw_items is None:
+            raise InvalidEvent("missing_field", "'items' is required for impressions")
+        if type(raw_items) is not list or not all(type(i) is str and i for i in raw_items):
+            raise InvalidEvent("wrong_type", "'items' must be a list of non-empty strings")
+        if not 0 < len(raw_items) <= MAX_SLATE:
+            raise InvalidEvent("bad_value", f"'items' must hold 1..{MAX_SLATE} ids")
+        items = tuple(raw_items)
+        raw_p = obj.get("propensity")
+        if raw_p is not None:
+            if type(raw_p) not in (int, float) or not 0.0 < raw_p <= 1.0:
+                raise InvalidEvent("bad_value", "'propensity' must be a number in (0, 1]")
+            propensity = float(raw_p)
+    if etype is EventType.ITEM_UPSERT:
+        raw_e = obj.get("eligible", True)
+        if type(raw_e) is not bool:
+            raise InvalidEvent("wrong_type", "'eligible' must be a boolean")
+        eligible = raw_e
+        raw_v = obj.get("vector")
+        if raw_v is not None:
+            if (
+                type(raw_v) is not list
+                or not 0 < len(raw_v) <= MAX_VECTOR
+                or not all(type(x) in (int, float) for x in raw_v)
+            ):
+                raise InvalidEvent("wrong_type", "'vector' must be a non-empty list of numbers")
+            vector = tuple(float(x) for x in raw_v)
+    return Event(
+        event_id=event_id,  # type: ignore[arg-type]  # required above
+        type=etype,
+        ts_us=ts_us,
+        user_id=user_id,
+        item_id=item_id,
+        schema_version=version,
+        context=_context(obj.get("context")),
+        items=items,
+        request_id=_opt_str(obj, "request_id"),
+        propensity=propensity,
+        eligible=eligible,
+        category=_opt_str(obj, "category"),
+        vector=vector,
+    )
+
+
+def decode(data: bytes, ref_us: int | None = None) -> Event:
+    """Parse and validate one event. Raises :class:`InvalidEvent` on any problem."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidEvent("oversized", f"event is {len(data)} bytes, the limit is {MAX_EVENT_BYTES}")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("bad_json", f"not valid JSON: {exc}") from exc
+    return from_dict(obj, ref_us)
+
+
+def _iso(ts_us: int) -> str:
+    return ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z")
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """The wire representation of ``event`` as a dict (omits empty optionals)."""
+    out: dict[str, Any] = {
+        "event_id": event.event_id,
+        "type": event.type.value,
+        "event_time": _iso(event.ts_us),
+        "schema_version": event.schema_version,
+    }
+    if event.user_id is not None:
+        out["user_id"] = event.user_id
+    if event.item_id is not None:
+        out["item_id"] = event.item_id
+    ctx = event.context
+    if ctx != Context():
+        out["context"] = {
+            k: v
+            for k, v in (
+                ("surface", ctx.surface),
+                ("session_id", ctx.session_id),
+                ("device", ctx.device),
+                ("position", ctx.position),
+            )
+            if v is not None
+        }
+    if event.items:
+        out["items"] = list(event.items)
+    for name in ("request_id", "propensity", "category"):
+        value = getattr(event, name)
+        if value is not None:
+            out[name] = value
+    if event.type is EventType.ITEM_UPSERT:
+        out["eligible"] = event.eligible
+    if event.vector is not None:
+        out["vector"] = list(event.vector)
+    return out
+
+
+def encode(event: Event) -> bytes:
+    """Serialize ``event`` to its JSON wire form."""
+    return orjson.dumps(to_dict(event))

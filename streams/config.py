@@ -1,0 +1,77 @@
+"""Settings of the stream worker and the tools around it (pydantic-settings).
+
+Every field can be set by an environment variable ``FRESHREC_<NAME>`` (for
+example ``FRESHREC_BOOTSTRAP_SERVERS``) or by the matching CLI flag.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.core.state import CoreConfig
+
+__all__ = ["Topics", "ModelSettings", "Settings"]
+
+
+class Topics(BaseModel):
+    """Topic names. Input topics are co-partitioned by user id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    events: str = "events"
+    impressions: str = "impressions"
+    by_item: str = "events.by-item"
+    dlq: str = "events.dlq"
+    user_changelog: str = "freshrec.user-state.changelog"
+    item_changelog: str = "freshrec.item-state.changelog"
+    meta: str = "freshrec.meta"
+
+
+class ModelSettings(BaseModel):
+    """Hyperparameters of the online state logic (mirrors :class:`CoreConfig`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dim: int = Field(32, ge=2, le=1024)
+    lr: float = Field(0.05, gt=0)
+    reg: float = Field(0.002, ge=0)
+    negatives: int = Field(4, ge=1, le=64)
+    recent_n: int = Field(50, ge=1, le=1000)
+    lateness_s: float = Field(3600.0, ge=0)
+    seed: int = 0
+
+    def core(self) -> CoreConfig:
+        """The pure-logic config."""
+        return CoreConfig(
+            dim=self.dim,
+            lr=self.lr,
+            reg=self.reg,
+            negatives=self.negatives,
+            recent_n=self.recent_n,
+            lateness_us=int(self.lateness_s * 1_000_000),
+            seed=self.seed,
+        )
+
+
+class Settings(BaseSettings):
+    """Settings of one freshrec stream worker / CLI invocation."""
+
+    model_config = SettingsConfigDict(env_prefix="FRESHREC_", env_nested_delimiter="__", extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    partitions: int = Field(4, ge=1, le=1024)
+    data_dir: str = ".freshrec/data"
+    group_id: str = "freshrec-worker"
+    topics: Topics = Topics()
+    model: ModelSettings = ModelSettings()
+    batch_size: int = Field(5000, ge=1)
+    poll_timeout_s: float = Field(0.02, gt=0)
+    session_timeout_ms: int = Field(6000, ge=1000)
+    sync_writes: bool = False
+    stats_path: str | None = None
+
+    @property
+    def store_url(self) -> str:
+        """URL of the live stores."""
+        return f"rocksdb://{self.data_dir}"  # "rocksdb:///abs" or "rocksdb://relative"

@@ -1,0 +1,418 @@
+"""User and item state, and the pure functions that apply events to them.
+
+Nothing in this module touches Kafka, RocksDB or the wall clock: the live worker
+(:mod:`streams.worker`) and the offline replayer (:mod:`replay`) call the same
+functions, which is what lets replay prove the live state right.
+
+Design rules (see docs/ARCHITECTURE.md, "Determinism"):
+
+* Every *feature* is order-independent within the allowed lateness: counters,
+  event-time buckets pruned by the key's max event time, top-N recent items by
+  ``(event_time, event_id)`` and an argmax session context. Live (arrival order)
+  and replay (event-time order) therefore give byte-identical feature state.
+* Duplicate events (same ``event_id`` for the same user within the lateness
+  window) are dropped, so a redelivered event changes nothing.
+* Events older than ``max_event_time - lateness`` for their user are *late*: they
+  are not applied and the worker sends them to the DLQ with reason ``late_event``.
+* Embeddings are online BPR steps; their inputs from the other stage (replica
+  item vectors, user snapshots) are snapshots, so they are reproducible only
+  within a float tolerance, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.events import POSITIVE_WEIGHTS, Event, EventType
+
+__all__ = [
+    "CoreConfig",
+    "UserState",
+    "ItemState",
+    "Forward",
+    "ItemVectorSource",
+    "Outcome",
+    "TYPE_INDEX",
+    "apply_user_events",
+    "apply_item_forwards",
+    "init_vector",
+    "item_features",
+    "user_features",
+    "hash64",
+]
+
+Vec = npt.NDArray[np.float32]
+
+TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
+N_TYPES = len(TYPE_INDEX)
+_IMPR = TYPE_INDEX[EventType.IMPRESSION]
+_CLICK = TYPE_INDEX[EventType.CLICK]
+B5_US = 300 * 1_000_000  # 5-minute buckets
+B60_US = 3_600 * 1_000_000  # hourly buckets
+KEEP_B5 = 24  # 2 hours of 5-minute buckets
+KEEP_B60 = 48  # 2 days of hourly buckets
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Hyperparameters of the state logic. Live and replay must use equal configs."""
+
+    dim: int = 32
+    lr: float = 0.05
+    reg: float = 0.002
+    negatives: int = 4
+    init_scale: float = 0.1
+    recent_n: int = 50
+    lateness_us: int = 3_600 * 1_000_000
+    seed: int = 0
+    ctr_prior_clicks: float = 1.0
+    ctr_prior_impressions: float = 20.0
+    trend_half_life_us: int = 3_600 * 1_000_000
+
+
+def hash64(text: str, seed: int = 0) -> int:
+    """A stable 64-bit hash of ``text`` (blake2b; Python's ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little")
+
+
+_INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
+
+
+def _init_table(dim: int, seed: int) -> npt.NDArray[np.float32]:
+    table = _INIT_TABLES.get((dim, seed))
+    if table is None:
+        rng = np.random.default_rng(seed)
+        table = rng.standard_normal((4096, dim)).astype(np.float32) / np.float32(math.sqrt(2 * dim))
+        _INIT_TABLES[(dim, seed)] = table
+    return table
+
+
+def init_vector(key: str, cfg: CoreConfig, kind: str) -> Vec:
+    """Deterministic initial vector for ``key``: the sum of two rows of a seeded table."""
+    table = _init_table(cfg.dim, cfg.seed)
+    h = hash64(kind + key, cfg.seed)
+    v = table[h & 4095] + table[(h >> 12) & 4095]
+    return (v * np.float32(cfg.init_scale * math.sqrt(cfg.dim))).astype(np.float32)
+
+
+class ItemVectorSource(Protocol):
+    """Read access to item vectors for the user stage (a replica live, the store in replay)."""
+
+    def get(self, item_id: str) -> Vec | None:
+        """The current vector of ``item_id``, or None when unknown."""
+
+    def sample(self, h: int, k: int) -> npt.NDArray[np.float32] | None:
+        """``k`` pseudo-random item vectors chosen by the 64-bit ``h`` (None when empty)."""
+
+
+@dataclass(slots=True)
+class UserState:
+    """Everything the system knows about one user."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * N_TYPES)
+    #: (ts_us, event_id, item_id, type), newest first, at most ``recent_n``.
+    recent: list[tuple[int, str, str, str]] = field(default_factory=list)
+    #: (ts_us, event_id, session_id, surface, device) of the newest event, or None.
+    session: tuple[int, str, str | None, str | None, str | None] | None = None
+    #: event ids applied within the lateness window, for de-duplication.
+    seen: dict[str, int] = field(default_factory=dict)
+    max_ts: int = 0
+    vector: Vec | None = None
+    steps: int = 0
+    #: number of events applied; the changelog version.
+    version: int = 0
+    #: provenance: input topic -> last applied offset. Not part of the checksum.
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> UserState:
+        """A deep-enough copy: callers may mutate the copy freely."""
+        return UserState(
+            list(self.counts),
+            list(self.recent),
+            self.session,
+            dict(self.seen),
+            self.max_ts,
+            None if self.vector is None else self.vector.copy(),
+            self.steps,
+            self.version,
+            dict(self.offsets),
+        )
+
+
+@dataclass(slots=True)
+class ItemState:
+    """Everything the system knows about one item."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * N_TYPES)
+    #: 5-minute bucket index -> [impressions, clicks, positives]
+    b5: dict[int, list[int]] = field(default_factory=dict)
+    #: hourly bucket index -> [impressions, clicks, positives]
+    b60: dict[int, list[int]] = field(default_factory=dict)
+    max_ts: int = 0
+    eligible: bool = True
+    category: str | None = None
+    vector: Vec | None = None
+    steps: int = 0
+    version: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+    #: (ts_us, event_id) of the upsert that set ``eligible``/``category`` (newest wins)
+    upsert_key: tuple[int, str] | None = None
+
+    def copy(self) -> ItemState:
+        """A deep-enough copy: callers may mutate the copy freely."""
+        return ItemState(
+            list(self.counts),
+            {k: list(v) for k, v in self.b5.items()},
+            {k: list(v) for k, v in self.b60.items()},
+            self.max_ts,
+            self.eligible,
+            self.category,
+            None if self.vector is None else self.vector.copy(),
+            self.steps,
+            self.version,
+            dict(self.offsets),
+            self.upsert_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """What the user stage sends to the item stage (topic ``events.by-item``), keyed by item."""
+
+    item_id: str
+    event_id: str
+    type: EventType
+    ts_us: int
+    user_id: str | None = None
+    #: the user's vector *before* this event's step (None for non-positive events)
+    user_vector: Vec | None = None
+    #: scores of the sampled negatives under ``user_vector``
+    neg_scores: tuple[float, ...] = ()
+    eligible: bool = True
+    category: str | None = None
+    bootstrap: tuple[float, ...] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one batch of user events produced, besides the new states."""
+
+    forwards: list[Forward] = field(default_factory=list)
+    duplicates: list[Event] = field(default_factory=list)
+    late: list[Event] = field(default_factory=list)
+
+
+def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
+
+
+def _record_recent(state: UserState, ev: Event, item_id: str, n: int) -> None:
+    entry = (ev.ts_us, ev.event_id, item_id, ev.type.value)
+    recent = state.recent
+    if len(recent) >= n and (entry[0], entry[1]) <= (recent[-1][0], recent[-1][1]):
+        return
+    # newest first; ties broken by event_id so the order is independent of arrival
+    i = 0
+    while i < len(recent) and (recent[i][0], recent[i][1]) > (entry[0], entry[1]):
+        i += 1
+    recent.insert(i, entry)
+    del recent[n:]
+
+
+def _apply_user_features(state: UserState, ev: Event, cfg: CoreConfig, out: Outcome) -> bool:
+    """Apply the order-independent features. Returns False if the event was dropped."""
+    if ev.event_id in state.seen:
+        out.duplicates.append(ev)
+        return False
+    horizon = state.max_ts - cfg.lateness_us
+    if ev.ts_us < horizon:
+        out.late.append(ev)
+        return False
+    state.seen[ev.event_id] = ev.ts_us
+    if ev.ts_us > state.max_ts:
+        state.max_ts = ev.ts_us
+        horizon = ev.ts_us - cfg.lateness_us
+        if state.seen and min(state.seen.values()) < horizon:
+            state.seen = {k: t for k, t in state.seen.items() if t >= horizon}
+    state.counts[TYPE_INDEX[ev.type]] += 1
+    state.version += 1
+    if ev.item_id is not None:
+        _record_recent(state, ev, ev.item_id, cfg.recent_n)
+    ctx = ev.context
+    cand = (ev.ts_us, ev.event_id, ctx.session_id, ctx.surface, ctx.device)
+    if state.session is None or (cand[0], cand[1]) > (state.session[0], state.session[1]):
+        state.session = cand
+    return True
+
+
+def apply_user_events(
+    state: UserState | None,
+    user_id: str,
+    events: Sequence[Event],
+    cfg: CoreConfig,
+    items: ItemVectorSource,
+) -> tuple[UserState, Outcome]:
+    """Apply ``events`` (one user's, in arrival order) to ``state``.
+
+    Returns the new state (``state`` itself is not mutated) and an
+    :class:`Outcome` with the forwards for the item stage plus the duplicates
+    and late events that were not applied.
+    """
+    new = UserState() if state is None else state.copy()
+    out = Outcome()
+    for ev in events:
+        if not _apply_user_features(new, ev, cfg, out):
+            continue
+        if ev.type is EventType.IMPRESSION:
+            for item in ev.items:
+                out.forwards.append(Forward(item, ev.event_id, ev.type, ev.ts_us, user_id))
+            continue
+        if ev.type is EventType.ITEM_UPSERT:  # pragma: no cover - routed by item, see worker
+            continue
+        item_id = ev.item_id
+        assert item_id is not None  # guaranteed by the codec for these types
+        weight = POSITIVE_WEIGHTS.get(ev.type, 0.0)
+        if weight <= 0.0:
+            out.forwards.append(Forward(item_id, ev.event_id, ev.type, ev.ts_us, user_id))
+            continue
+        if new.vector is None:
+            new.vector = init_vector(user_id, cfg, "u")
+        u = new.vector
+        v = items.get(item_id)
+        if v is None:
+            v = init_vector(item_id, cfg, "i")
+        negs = items.sample(hash64(ev.event_id, cfg.seed), cfg.negatives)
+        if negs is None:
+            negs = np.zeros((1, cfg.dim), dtype=np.float32)
+        neg_scores = negs @ u
+        g = _sigmoid(neg_scores - np.float32(u @ v))  # sigma(-(x_ui - x_uj))
+        grad = (g[:, None] * (v[None, :] - negs)).mean(axis=0)
+        lr = np.float32(cfg.lr * weight)
+        out.forwards.append(
+            Forward(
+                item_id, ev.event_id, ev.type, ev.ts_us, user_id,
+                user_vector=u.copy(), neg_scores=tuple(float(s) for s in neg_scores),
+            )
+        )  # fmt: skip
+        new.vector = (u + lr * (grad - np.float32(cfg.reg) * u)).astype(np.float32)
+        new.steps += 1
+    return new, out
+
+
+def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight: int) -> None:
+    top = max(buckets) if buckets else idx
+    if idx < top - keep:
+        return  # older than the retained window: order-independent, see module docs
+    counts = buckets.get(idx)
+    if counts is None:
+        counts = buckets[idx] = [0, 0, 0]
+    counts[slot] += weight
+    if idx > top:
+        for old in [k for k in buckets if k < idx - keep]:
+            del buckets[old]
+
+
+def apply_item_forwards(
+    state: ItemState | None, item_id: str, forwards: Iterable[Forward], cfg: CoreConfig
+) -> ItemState:
+    """Apply one item's forwards (in arrival order) to ``state``; ``state`` is not mutated."""
+    new = ItemState() if state is None else state.copy()
+    for fw in forwards:
+        new.version += 1
+        if fw.type is EventType.ITEM_UPSERT:
+            key = (fw.ts_us, fw.event_id)
+            if new.upsert_key is None or key > new.upsert_key:
+                new.upsert_key = key
+                new.eligible = fw.eligible
+                new.category = fw.category
+            if fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
+                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
+            new.counts[TYPE_INDEX[fw.type]] += 1
+            continue
+        new.counts[TYPE_INDEX[fw.type]] += 1
+        new.max_ts = max(new.max_ts, fw.ts_us)
+        if fw.type is EventType.IMPRESSION:
+            slots: tuple[int, ...] = (0,)
+        elif fw.type is EventType.CLICK:
+            slots = (1, 2)  # a click is also a positive interaction
+        else:
+            slots = (2,)
+        for slot in slots:
+            _bump(new.b5, fw.ts_us // B5_US, KEEP_B5, slot, 1)
+            _bump(new.b60, fw.ts_us // B60_US, KEEP_B60, slot, 1)
+        if fw.user_vector is None:
+            continue
+        if new.vector is None:
+            new.vector = init_vector(item_id, cfg, "i")
+        v = new.vector
+        u = fw.user_vector
+        pos = np.float32(u @ v)
+        negs = np.asarray(fw.neg_scores or (0.0,), dtype=np.float32)
+        g = np.float32(_sigmoid(negs - pos).mean())
+        lr = np.float32(cfg.lr * POSITIVE_WEIGHTS.get(fw.type, 0.0))
+        new.vector = (v + lr * (g * u - np.float32(cfg.reg) * v)).astype(np.float32)
+        new.steps += 1
+    return new
+
+
+def _window(buckets: dict[int, list[int]], width_us: int, now_us: int, span_us: int) -> list[int]:
+    lo = (now_us - span_us) // width_us
+    hi = now_us // width_us
+    total = [0, 0, 0]
+    for idx, counts in buckets.items():
+        if lo < idx <= hi:
+            total[0] += counts[0]
+            total[1] += counts[1]
+            total[2] += counts[2]
+    return total
+
+
+def item_features(state: ItemState, now_us: int, cfg: CoreConfig) -> dict[str, float]:
+    """Read-time item features as of ``now_us`` (event time).
+
+    * ``ctr_1h`` / ``ctr_24h``: (clicks + a) / (impressions + b), a Beta prior.
+    * ``pos_1h`` / ``pos_24h``: positive interactions in the window.
+    * ``popularity``: exponentially decayed positives (half-life ``trend_half_life_us``).
+    * ``trending``: ``(pos_1h + 1) / (pos_24h / 24 + 1)``, the last hour against the day's mean.
+    """
+    h1 = _window(state.b5, B5_US, now_us, 12 * B5_US)
+    h24 = _window(state.b60, B60_US, now_us, 24 * B60_US)
+    a, b = cfg.ctr_prior_clicks, cfg.ctr_prior_impressions
+    lam = math.log(2) / cfg.trend_half_life_us
+    popularity = 0.0
+    for idx, counts in state.b60.items():
+        end = (idx + 1) * B60_US
+        if end - B60_US <= now_us:
+            popularity += counts[2] * math.exp(-lam * max(0, now_us - end))
+    return {
+        "ctr_1h": (h1[1] + a) / (h1[0] + b),
+        "ctr_24h": (h24[1] + a) / (h24[0] + b),
+        "pos_1h": float(h1[2]),
+        "pos_24h": float(h24[2]),
+        "popularity": popularity,
+        "trending": (h1[2] + 1.0) / (h24[2] / 24.0 + 1.0),
+        "impressions": float(state.counts[_IMPR]),
+        "clicks": float(state.counts[_CLICK]),
+    }
+
+
+def user_features(state: UserState) -> dict[str, object]:
+    """Read-time user features: counts by type, recent items and the session context."""
+    counts = {t.value: state.counts[i] for t, i in TYPE_INDEX.items()}
+    session = state.session
+    return {
+        "counts": counts,
+        "recent_items": [r[2] for r in state.recent],
+        "session_id": session[2] if session else None,
+        "surface": session[3] if session else None,
+        "device": session[4] if session else None,
+        "last_event_us": state.max_ts,
+    }

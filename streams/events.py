@@ -1,0 +1,112 @@
+"""The one event schema of freshrec.
+
+Every event that enters the system is one of :class:`EventType`. Events are
+frozen, slotted dataclasses; encoding to and from bytes lives in
+:mod:`streams.codec`, never here.
+
+Times are kept as integer microseconds since the Unix epoch (``ts_us``) on the
+hot path; :attr:`Event.event_time` gives the tz-aware ``datetime`` view.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "POSITIVE_WEIGHTS",
+    "EventType",
+    "Context",
+    "Event",
+    "ts_to_datetime",
+    "datetime_to_ts",
+]
+
+#: The schema version this code writes. Readers accept versions <= this.
+SCHEMA_VERSION = 1
+
+
+class EventType(enum.StrEnum):
+    """What happened."""
+
+    VIEW = "view"
+    CLICK = "click"
+    ADD_TO_CART = "add_to_cart"
+    PURCHASE = "purchase"
+    IMPRESSION = "impression"
+    ITEM_UPSERT = "item_upsert"
+
+
+#: Event types that count as a positive interaction, with their learning weight.
+POSITIVE_WEIGHTS: dict[EventType, float] = {
+    EventType.VIEW: 0.5,
+    EventType.CLICK: 1.0,
+    EventType.ADD_TO_CART: 1.5,
+    EventType.PURCHASE: 2.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Optional request/session context attached to an event."""
+
+    surface: str | None = None
+    session_id: str | None = None
+    device: str | None = None
+    position: int | None = None
+
+
+_EMPTY_CONTEXT = Context()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One user or catalog event.
+
+    * ``user_id`` is required for every type except ``item_upsert``.
+    * ``item_id`` is required for view/click/add_to_cart/purchase/item_upsert.
+    * ``items`` is the served slate for ``impression`` (``item_id`` is unused).
+    * ``ts_us`` is the event time in integer microseconds since the epoch (UTC).
+    """
+
+    event_id: str
+    type: EventType
+    ts_us: int
+    user_id: str | None = None
+    item_id: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    context: Context = _EMPTY_CONTEXT
+    items: tuple[str, ...] = ()
+    request_id: str | None = None
+    propensity: float | None = None
+    eligible: bool = True
+    category: str | None = None
+    vector: tuple[float, ...] | None = field(default=None, repr=False)
+
+    @property
+    def event_time(self) -> datetime:
+        """The event time as a tz-aware UTC datetime."""
+        return ts_to_datetime(self.ts_us)
+
+    @property
+    def weight(self) -> float:
+        """Learning weight; 0 for events that are not positive interactions."""
+        return POSITIVE_WEIGHTS.get(self.type, 0.0)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def ts_to_datetime(ts_us: int) -> datetime:
+    """Microseconds since the epoch -> tz-aware UTC datetime."""
+    return datetime.fromtimestamp(ts_us // 1_000_000, UTC).replace(microsecond=ts_us % 1_000_000)
+
+
+def datetime_to_ts(dt: datetime) -> int:
+    """Tz-aware datetime -> microseconds since the epoch. Naive datetimes are rejected."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError("naive datetime: event times must carry a timezone")
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,0 +1,534 @@
+"""The stream worker: a batch loop over confluent-kafka, sharded RocksDB stores, changelogs.
+
+Per loop iteration (see docs/ARCHITECTURE.md for why this is not a Faust agent):
+
+1. ``consume`` a batch from the input topics (``events``, ``impressions``; the user
+   stage) and from ``events.by-item`` (the item stage). One consumer group; the
+   range assignor gives a member partition ``p`` of every topic, so a worker owns
+   user shard ``p`` and item shard ``p`` together.
+2. Per partition: decode (bad input -> ``events.dlq`` with the original bytes and a
+   reason), group by key, ``multi_get`` the states, call the pure core
+   (:mod:`streams.core.state`), coalesce to one new value per key.
+3. Produce forwards (re-keyed by item, in source-offset order), changelog records
+   and DLQ records, then ``flush`` so they are durable *before* the states commit.
+4. Write each shard's states together with its next input offsets in one RocksDB
+   WriteBatch. That write is the commit: on assignment the worker seeks to the
+   stored offsets, so a SIGKILL anywhere neither loses nor repeats an update.
+   Forwards re-sent after a crash are dropped by the item stage's per-source
+   high-water marks; redelivered records are dropped by per-key offset guards.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from streams import codec
+from streams.config import Settings
+from streams.core import serde
+from streams.core.partition import partition_for
+from streams.core.state import (
+    CoreConfig,
+    Forward,
+    ItemState,
+    Vec,
+    apply_item_forwards,
+    apply_user_events,
+)
+from streams.errors import InvalidEvent, StateMismatch
+from streams.events import Event, EventType
+from streams.store import META_PREFIX, STATE_PREFIX, Store, open_store, shard_path
+
+__all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state"]
+
+log = logging.getLogger(__name__)
+
+_SUB = 1024  # forwards per source record are numbered offset * _SUB + i (slates <= 1000)
+
+
+class ItemReplica:
+    """In-memory item vectors, fed from the item changelog; the user stage's read side."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._rows: dict[str, int] = {}
+        self._mat: npt.NDArray[np.float32] = np.zeros((1024, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def put(self, item_id: str, vector: Vec) -> None:
+        """Insert or replace one item's vector."""
+        row = self._rows.get(item_id)
+        if row is None:
+            row = len(self._rows)
+            if row >= len(self._mat):
+                self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+            self._rows[item_id] = row
+        self._mat[row] = vector
+
+    def get(self, item_id: str) -> Vec | None:
+        """The vector of ``item_id`` or None."""
+        row = self._rows.get(item_id)
+        return None if row is None else self._mat[row]
+
+    def sample(self, h: int, k: int) -> npt.NDArray[np.float32] | None:
+        """``k`` item vectors picked by the hash ``h`` (deterministic for a given replica)."""
+        n = len(self._rows)
+        if n == 0:
+            return None
+        idx = [((h ^ (j * 0x9E3779B97F4A7C15)) * 0xBF58476D1CE4E5B9 >> 17) % n for j in range(k)]
+        return self._mat[idx]
+
+
+@dataclass
+class WorkerStats:
+    """Counters and recent freshness samples of one worker process."""
+
+    events: int = 0
+    forwards: int = 0
+    dlq: int = 0
+    dlq_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    duplicates: int = 0
+    redelivered: int = 0
+    resent_forwards: int = 0
+    batches: int = 0
+    user_fresh_ms: list[float] = field(default_factory=list)
+    item_fresh_ms: list[float] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able summary (freshness as p50/p99 of the recent samples)."""
+
+        def q(xs: list[float], p: float) -> float | None:
+            return float(np.percentile(xs, p)) if xs else None
+
+        return {
+            "events": self.events,
+            "forwards": self.forwards,
+            "dlq": self.dlq,
+            "dlq_reasons": dict(self.dlq_reasons),
+            "duplicates": self.duplicates,
+            "redelivered": self.redelivered,
+            "resent_forwards": self.resent_forwards,
+            "batches": self.batches,
+            "user_fresh_p50_ms": q(self.user_fresh_ms, 50),
+            "user_fresh_p99_ms": q(self.user_fresh_ms, 99),
+            "item_fresh_p50_ms": q(self.item_fresh_ms, 50),
+            "item_fresh_p99_ms": q(self.item_fresh_ms, 99),
+        }
+
+
+def _off_key(topic: str, partition: int) -> bytes:
+    return META_PREFIX + f"off:{topic}:{partition}".encode()
+
+
+class _Shard:
+    """One stage's store for one partition, plus its cached meta."""
+
+    def __init__(self, store: Store, stage: str, partition: int) -> None:
+        self.store = store
+        self.stage = stage
+        self.partition = partition
+        self.src_hwm: dict[int, int] = {}
+        for key, value in store.scan(META_PREFIX + b"src:"):
+            self.src_hwm[int(key[5:])] = int(value)
+
+    def next_offset(self, topic: str) -> int | None:
+        raw = self.store.get(_off_key(topic, self.partition))
+        return None if raw is None else int(raw)
+
+
+def reset_state(settings: Settings) -> None:
+    """Delete every local shard under ``settings.data_dir``."""
+    root = Path(settings.data_dir)
+    for stage in ("user", "item"):
+        for path in root.glob(f"{stage}-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class StreamWorker:
+    """One worker process: both stages for the partitions the group assigns to it."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.cfg: CoreConfig = settings.model.core()
+        self.clock = clock
+        self.stats = WorkerStats()
+        self.replica = ItemReplica(self.cfg.dim)
+        t = settings.topics
+        self._user_topics = (t.events, t.impressions)
+        self._src_id = {t.events: 0, t.impressions: 1}
+        self._shards: dict[tuple[str, int], _Shard] = {}
+        self._item_part: dict[str, int] = {}
+        self._epoch: str | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._tail: Consumer | None = None
+        self._last_stats = 0.0
+        self.assigned = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and exit."""
+        self._stop.set()
+
+    def _common(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.settings.bootstrap_servers, "log_level": 3}
+
+    def start(self) -> None:
+        """Connect, check the log epoch, subscribe."""
+        from streams.broker import ensure_topics
+
+        s = self.settings
+        self._epoch = ensure_topics(s)
+        self._producer = Producer(
+            {**self._common(), "linger.ms": 2, "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
+             "enable.idempotence": False, "acks": "all"}
+        )  # fmt: skip
+        self._consumer = Consumer(
+            {**self._common(), "group.id": s.group_id, "enable.auto.commit": False,
+             "auto.offset.reset": "earliest", "session.timeout.ms": s.session_timeout_ms,
+             "heartbeat.interval.ms": max(100, s.session_timeout_ms // 10),
+             "partition.assignment.strategy": "range", "fetch.wait.max.ms": 10,
+             "queued.max.messages.kbytes": 65536}
+        )  # fmt: skip
+        self._tail = Consumer(
+            {**self._common(), "group.id": s.group_id + "-replica", "enable.auto.commit": False,
+             "fetch.wait.max.ms": 10}
+        )  # fmt: skip
+        self._tail.assign([TopicPartition(s.topics.item_changelog, p, OFFSET_BEGINNING) for p in range(s.partitions)])
+        self._consumer.subscribe(
+            [*self._user_topics, s.topics.by_item], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+
+    def close(self) -> None:
+        """Close clients and stores."""
+        if self._consumer is not None:
+            self._consumer.close()
+        if self._tail is not None:
+            self._tail.close()
+        if self._producer is not None:
+            self._producer.flush(10)
+        for shard in self._shards.values():
+            shard.store.close()
+        self._shards.clear()
+        self.write_stats()
+
+    def run(self, max_seconds: float | None = None) -> None:
+        """Run until :meth:`stop` (or ``max_seconds``)."""
+        self.start()
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self.step()
+                if self._error is not None:
+                    raise self._error
+        finally:
+            self.close()
+
+    # -- rebalance ---------------------------------------------------------------------------
+
+    def _shard(self, stage: str, partition: int) -> _Shard:
+        key = (stage, partition)
+        shard = self._shards.get(key)
+        if shard is None:
+            store = open_store(self.settings.store_url, stage, partition)
+            epoch_key = META_PREFIX + b"epoch"
+            have = store.get(epoch_key)
+            assert self._epoch is not None
+            if have is None:
+                store.write({epoch_key: self._epoch.encode()}, sync=True)
+            elif have.decode() != self._epoch:
+                store.close()
+                path = shard_path(self.settings.data_dir, stage, partition)
+                raise StateMismatch(
+                    f"local shard {path} was built from log epoch {have.decode()}, but the broker's log is "
+                    f"epoch {self._epoch}: the broker restarted with an empty log (the embedded broker "
+                    "keeps its log in memory). Refusing to mix old state with a new log. Either discard "
+                    "local state (`freshrec worker --reset-state`) or replay the old event log into the "
+                    "new broker first (`freshrec produce ...`) and then reset."
+                )
+            shard = self._shards[key] = _Shard(store, stage, partition)
+        return shard
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            for tp in partitions:
+                stage = "item" if tp.topic == self.settings.topics.by_item else "user"
+                nxt = self._shard(stage, tp.partition).next_offset(tp.topic)
+                tp.offset = OFFSET_BEGINNING if nxt is None else nxt
+            consumer.assign(partitions)
+            log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+            self.assigned.set()
+        except BaseException as exc:  # surface errors from the librdkafka callback thread
+            self._error = exc
+            self._stop.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # the loop only polls between batches, so everything consumed is already committed
+        keep = {("item" if tp.topic == self.settings.topics.by_item else "user", tp.partition) for tp in partitions}
+        for key in keep:
+            shard = self._shards.pop(key, None)
+            if shard is not None:
+                shard.store.close()
+        consumer.unassign()
+        self.assigned.clear()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _tail_replica(self) -> None:
+        assert self._tail is not None
+        msgs = self._tail.consume(50000, 0)
+        for m in msgs:
+            if m.error():
+                continue
+            key = m.key()
+            value = m.value()
+            if not key or not value or key[:1] == META_PREFIX:
+                continue
+            vec = serde.vector_of(value)
+            if vec is not None:
+                self.replica.put(key.decode(), vec)
+
+    def step(self) -> int:
+        """Run one batch; returns the number of records consumed."""
+        assert self._consumer is not None and self._producer is not None
+        self._tail_replica()
+        msgs = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout_s)
+        if not msgs:
+            self._producer.poll(0)
+            self._maybe_write_stats()
+            return 0
+        groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            groups[(m.topic(), m.partition())].append(m)
+        writes: list[tuple[_Shard, dict[bytes, bytes]]] = []
+        fresh_user: list[int] = []
+        fresh_item: list[int] = []
+        by_item = self.settings.topics.by_item
+        for (topic, partition), batch in groups.items():
+            if topic == by_item:
+                shard = self._shard("item", partition)
+                writes.append((shard, self._item_batch(shard, topic, batch)))
+                fresh_item.extend(m.timestamp()[1] for m in batch)
+            else:
+                shard = self._shard("user", partition)
+                writes.append((shard, self._user_batch(shard, topic, batch)))
+                fresh_user.extend(m.timestamp()[1] for m in batch)
+        # forwards, changelogs and DLQ records must be durable before the states commit
+        remaining = self._producer.flush(30)
+        if remaining:
+            raise RuntimeError(f"{remaining} records not delivered to the broker; not committing the batch")
+        sync = self.settings.sync_writes
+        for shard, puts in writes:
+            shard.store.write(puts, sync=sync)
+        now_ms = self.clock() * 1000.0
+        self._sample(self.stats.user_fresh_ms, fresh_user, now_ms)
+        self._sample(self.stats.item_fresh_ms, fresh_item, now_ms)
+        self.stats.batches += 1
+        self._maybe_write_stats()
+        return len(msgs)
+
+    @staticmethod
+    def _sample(store: list[float], ts_ms: list[int], now_ms: float) -> None:
+        if not ts_ms:
+            return
+        step = max(1, len(ts_ms) // 64)
+        store.extend(now_ms - t for t in ts_ms[::step] if t > 0)
+        if len(store) > 50000:
+            del store[:25000]
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, partition: int = -1, ts_ms: int = 0) -> None:
+        assert self._producer is not None
+        while True:
+            try:
+                if partition >= 0:
+                    self._producer.produce(topic, value, key, partition=partition, timestamp=ts_ms)
+                else:
+                    self._producer.produce(topic, value, key, timestamp=ts_ms)
+                return
+            except BufferError:
+                self._producer.poll(0.01)
+
+    def _dlq(self, m: Message, reason: str, detail: str) -> None:
+        self.stats.dlq += 1
+        self.stats.dlq_reasons[reason] += 1
+        assert self._producer is not None
+        headers = [
+            ("reason", reason.encode()),
+            ("detail", detail[:500].encode()),
+            ("source", f"{m.topic()}:{m.partition()}:{m.offset()}".encode()),
+        ]
+        while True:
+            try:
+                self._producer.produce(self.settings.topics.dlq, m.value(), m.key(), headers=headers)
+                return
+            except BufferError:
+                self._producer.poll(0.01)
+
+    def _item_partition(self, item_id: str) -> int:
+        p = self._item_part.get(item_id)
+        if p is None:
+            p = self._item_part[item_id] = partition_for(item_id, self.settings.partitions)
+        return p
+
+    def _user_batch(self, shard: _Shard, topic: str, batch: list[Message]) -> dict[bytes, bytes]:
+        src = self._src_id[topic] * 65536 + shard.partition  # one sequence per source partition
+        per_user: dict[str, list[tuple[int, Event]]] = defaultdict(list)
+        forwards: list[tuple[int, Forward, int]] = []  # (seq, forward, record ts)
+        rec_ts: dict[int, int] = {}
+        for m in batch:
+            ts_ms = m.timestamp()[1]
+            try:
+                ev = codec.decode(m.value() or b"", ts_ms * 1000 if ts_ms > 0 else None)
+            except InvalidEvent as exc:
+                self._dlq(m, exc.reason, exc.detail)
+                continue
+            off = m.offset()
+            rec_ts[off] = ts_ms
+            if ev.type is EventType.ITEM_UPSERT:
+                assert ev.item_id is not None
+                forwards.append(
+                    (off * _SUB, Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, eligible=ev.eligible,
+                                         category=ev.category, bootstrap=ev.vector), ts_ms)
+                )  # fmt: skip
+                continue
+            assert ev.user_id is not None
+            per_user[ev.user_id].append((off, ev))
+        self.stats.events += len(batch)
+        users = list(per_user)
+        raw = shard.store.multi_get([STATE_PREFIX + u.encode() for u in users])
+        puts: dict[bytes, bytes] = {}
+        changelog = self.settings.topics.user_changelog
+        for uid, blob in zip(users, raw, strict=True):
+            state = serde.decode_user(blob) if blob is not None else None
+            evs = per_user[uid]
+            guard = state.offsets.get(topic, -1) if state is not None else -1
+            fresh = [(o, e) for o, e in evs if o > guard]
+            self.stats.redelivered += len(evs) - len(fresh)
+            if not fresh:
+                continue
+            new, out = apply_user_events(state, uid, [e for _, e in fresh], self.cfg, self.replica)
+            new.offsets[topic] = fresh[-1][0]
+            self.stats.duplicates += len(out.duplicates)
+            for late in out.late:
+                self._dlq_event(late, topic, shard.partition)
+            off_of = {e.event_id: o for o, e in fresh}
+            sub: dict[int, int] = defaultdict(int)
+            for fw in out.forwards:
+                o = off_of[fw.event_id]
+                forwards.append((o * _SUB + sub[o], fw, rec_ts[o]))
+                sub[o] += 1
+            key = STATE_PREFIX + uid.encode()
+            value = serde.encode_user(new)
+            puts[key] = value
+            self._produce(changelog, uid.encode(), value, shard.partition)
+        forwards.sort(key=lambda x: x[0])
+        by_item = self.settings.topics.by_item
+        for seq, fw, ts_ms in forwards:
+            self._produce(
+                by_item, fw.item_id.encode(), serde.encode_forward(fw, src, seq),
+                self._item_partition(fw.item_id), ts_ms,
+            )  # fmt: skip
+        self.stats.forwards += len(forwards)
+        nxt = str(batch[-1].offset() + 1).encode()
+        off_key = _off_key(topic, shard.partition)
+        puts[off_key] = nxt
+        self._produce(changelog, off_key, nxt, shard.partition)
+        return puts
+
+    def _dlq_event(self, ev: Event, topic: str, partition: int) -> None:
+        assert self._producer is not None
+        self.stats.dlq += 1
+        self.stats.dlq_reasons["late_event"] += 1
+        headers = [
+            ("reason", b"late_event"),
+            ("detail", b"older than the user's newest event minus the allowed lateness"),
+            ("source", f"{topic}:{partition}".encode()),
+        ]
+        value = codec.encode(ev)
+        while True:
+            try:
+                self._producer.produce(self.settings.topics.dlq, value, (ev.user_id or "").encode(), headers=headers)
+                return
+            except BufferError:
+                self._producer.poll(0.01)
+
+    def _item_batch(self, shard: _Shard, topic: str, batch: list[Message]) -> dict[bytes, bytes]:
+        per_item: dict[str, list[tuple[int, Forward]]] = defaultdict(list)
+        hwm = shard.src_hwm
+        touched_src: set[int] = set()
+        for m in batch:
+            fw, src, seq = serde.decode_forward(m.value())
+            if seq <= hwm.get(src, -1):
+                self.stats.resent_forwards += 1
+                continue
+            hwm[src] = seq
+            touched_src.add(src)
+            per_item[fw.item_id].append((m.offset(), fw))
+        items = list(per_item)
+        raw = shard.store.multi_get([STATE_PREFIX + i.encode() for i in items])
+        puts: dict[bytes, bytes] = {}
+        changelog = self.settings.topics.item_changelog
+        for iid, blob in zip(items, raw, strict=True):
+            state: ItemState | None = serde.decode_item(blob) if blob is not None else None
+            fws = per_item[iid]
+            guard = state.offsets.get(topic, -1) if state is not None else -1
+            fresh = [(o, f) for o, f in fws if o > guard]
+            self.stats.redelivered += len(fws) - len(fresh)
+            if not fresh:
+                continue
+            new = apply_item_forwards(state, iid, [f for _, f in fresh], self.cfg)
+            new.offsets[topic] = fresh[-1][0]
+            key = STATE_PREFIX + iid.encode()
+            value = serde.encode_item(new)
+            puts[key] = value
+            self._produce(changelog, iid.encode(), value, shard.partition)
+            if new.vector is not None:
+                self.replica.put(iid, new.vector)
+        for src in touched_src:
+            k = META_PREFIX + f"src:{src}".encode()
+            puts[k] = str(hwm[src]).encode()
+        nxt = str(batch[-1].offset() + 1).encode()
+        off_key = _off_key(topic, shard.partition)
+        puts[off_key] = nxt
+        self._produce(changelog, off_key, nxt, shard.partition)
+        return puts
+
+    # -- stats ---------------------------------------------------------------------------------
+
+    def _maybe_write_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats >= 1.0:
+            self._last_stats = now
+            self.write_stats()
+
+    def write_stats(self) -> None:
+        """Write the stats snapshot to ``settings.stats_path`` (if set)."""
+        path = self.settings.stats_path
+        if path:
+            tmp = f"{path}.tmp"
+            Path(tmp).write_bytes(orjson.dumps(self.stats.snapshot()))
+            Path(tmp).replace(path)
