@@ -33,7 +33,7 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dim: int = Field(32, ge=2, le=1024)
+    dim: int = Field(64, ge=2, le=1024)
     lr: float = Field(0.05, gt=0)
     reg: float = Field(0.002, ge=0)
     negatives: int = Field(4, ge=1, le=64)

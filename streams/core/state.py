@@ -64,7 +64,7 @@ KEEP_B60 = 48  # 2 days of hourly buckets
 class CoreConfig:
     """Hyperparameters of the state logic. Live and replay must use equal configs."""
 
-    dim: int = 32
+    dim: int = 64
     lr: float = 0.05
     reg: float = 0.002
     negatives: int = 4
