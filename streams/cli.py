@@ -76,6 +76,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: worker.stats.reset_freshness())
     try:
         worker.run(max_seconds=args.max_seconds)
     except StateMismatch as exc:

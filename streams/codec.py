@@ -90,9 +90,12 @@ def _parse_time(raw: Any) -> int:
     return datetime_to_ts(dt)
 
 
+_NO_CONTEXT = Context()
+
+
 def _context(raw: Any) -> Context:
     if raw is None:
-        return Context()
+        return _NO_CONTEXT
     if type(raw) is not dict:
         raise InvalidEvent("wrong_type", "'context' must be an object")
     position = raw.get("position")
@@ -211,7 +214,7 @@ def to_dict(event: Event) -> dict[str, Any]:
     if event.item_id is not None:
         out["item_id"] = event.item_id
     ctx = event.context
-    if ctx != Context():
+    if ctx != _NO_CONTEXT:
         out["context"] = {
             k: v
             for k, v in (

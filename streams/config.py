@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
     stats_path: str | None = None
+    stats_interval_s: float = Field(1.0, gt=0)
 
     @property
     def store_url(self) -> str:

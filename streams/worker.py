@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -43,54 +42,20 @@ from streams.core.state import (
     CoreConfig,
     Forward,
     ItemState,
-    Vec,
-    apply_item_forwards,
-    apply_user_events,
+    UserState,
+    apply_item_batch,
+    apply_user_batch,
 )
+from streams.core.vectors import ItemReplica
 from streams.errors import InvalidEvent, StateMismatch
 from streams.events import Event, EventType
 from streams.store import META_PREFIX, STATE_PREFIX, Store, open_store, shard_path
 
-__all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state"]
+__all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state"]  # ItemReplica re-exported
 
 log = logging.getLogger(__name__)
 
 _SUB = 1024  # forwards per source record are numbered offset * _SUB + i (slates <= 1000)
-
-
-class ItemReplica:
-    """In-memory item vectors, fed from the item changelog; the user stage's read side."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self._rows: dict[str, int] = {}
-        self._mat: npt.NDArray[np.float32] = np.zeros((1024, dim), dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def put(self, item_id: str, vector: Vec) -> None:
-        """Insert or replace one item's vector."""
-        row = self._rows.get(item_id)
-        if row is None:
-            row = len(self._rows)
-            if row >= len(self._mat):
-                self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
-            self._rows[item_id] = row
-        self._mat[row] = vector
-
-    def get(self, item_id: str) -> Vec | None:
-        """The vector of ``item_id`` or None."""
-        row = self._rows.get(item_id)
-        return None if row is None else self._mat[row]
-
-    def sample(self, h: int, k: int) -> npt.NDArray[np.float32] | None:
-        """``k`` item vectors picked by the hash ``h`` (deterministic for a given replica)."""
-        n = len(self._rows)
-        if n == 0:
-            return None
-        idx = [((h ^ (j * 0x9E3779B97F4A7C15)) * 0xBF58476D1CE4E5B9 >> 17) % n for j in range(k)]
-        return self._mat[idx]
 
 
 @dataclass
@@ -105,8 +70,16 @@ class WorkerStats:
     redelivered: int = 0
     resent_forwards: int = 0
     batches: int = 0
+    item_records: int = 0
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
     user_fresh_ms: list[float] = field(default_factory=list)
     item_fresh_ms: list[float] = field(default_factory=list)
+
+    def reset_freshness(self) -> None:
+        """Forget the freshness samples (e.g. between benchmark phases)."""
+        self.user_fresh_ms = []
+        self.item_fresh_ms = []
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able summary (freshness as p50/p99 of the recent samples)."""
@@ -123,6 +96,10 @@ class WorkerStats:
             "redelivered": self.redelivered,
             "resent_forwards": self.resent_forwards,
             "batches": self.batches,
+            "item_records": self.item_records,
+            "first_batch_at": self.first_batch_at,
+            "last_batch_at": self.last_batch_at,
+            "idle_s": None if self.last_batch_at is None else time.time() - self.last_batch_at,
             "user_fresh_p50_ms": q(self.user_fresh_ms, 50),
             "user_fresh_p99_ms": q(self.user_fresh_ms, 99),
             "item_fresh_p50_ms": q(self.item_fresh_ms, 50),
@@ -166,7 +143,7 @@ class StreamWorker:
         self.cfg: CoreConfig = settings.model.core()
         self.clock = clock
         self.stats = WorkerStats()
-        self.replica = ItemReplica(self.cfg.dim)
+        self.replica = ItemReplica(self.cfg)
         t = settings.topics
         self._user_topics = (t.events, t.impressions)
         self._src_id = {t.events: 0, t.impressions: 1}
@@ -316,6 +293,8 @@ class StreamWorker:
             self._producer.poll(0)
             self._maybe_write_stats()
             return 0
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = self.clock()
         groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
         for m in msgs:
             err = m.error()
@@ -348,6 +327,7 @@ class StreamWorker:
         self._sample(self.stats.user_fresh_ms, fresh_user, now_ms)
         self._sample(self.stats.item_fresh_ms, fresh_item, now_ms)
         self.stats.batches += 1
+        self.stats.last_batch_at = now_ms / 1000.0
         self._maybe_write_stats()
         return len(msgs)
 
@@ -422,20 +402,23 @@ class StreamWorker:
         raw = shard.store.multi_get([STATE_PREFIX + u.encode() for u in users])
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.user_changelog
+        work: list[tuple[str, UserState | None, list[Event]]] = []
+        offsets: list[dict[str, int]] = []
         for uid, blob in zip(users, raw, strict=True):
             state = serde.decode_user(blob) if blob is not None else None
             evs = per_user[uid]
             guard = state.offsets.get(topic, -1) if state is not None else -1
             fresh = [(o, e) for o, e in evs if o > guard]
             self.stats.redelivered += len(evs) - len(fresh)
-            if not fresh:
-                continue
-            new, out = apply_user_events(state, uid, [e for _, e in fresh], self.cfg, self.replica)
-            new.offsets[topic] = fresh[-1][0]
+            if fresh:
+                work.append((uid, state, [e for _, e in fresh]))
+                offsets.append({e.event_id: o for o, e in fresh})
+        results = apply_user_batch(work, self.cfg, self.replica)
+        for (uid, _, _), off_of, (new, out) in zip(work, offsets, results, strict=True):
+            new.offsets[topic] = max(off_of.values())
             self.stats.duplicates += len(out.duplicates)
             for late in out.late:
                 self._dlq_event(late, topic, shard.partition)
-            off_of = {e.event_id: o for o, e in fresh}
             sub: dict[int, int] = defaultdict(int)
             for fw in out.forwards:
                 o = off_of[fw.event_id]
@@ -478,6 +461,7 @@ class StreamWorker:
 
     def _item_batch(self, shard: _Shard, topic: str, batch: list[Message]) -> dict[bytes, bytes]:
         per_item: dict[str, list[tuple[int, Forward]]] = defaultdict(list)
+        self.stats.item_records += len(batch)
         hwm = shard.src_hwm
         touched_src: set[int] = set()
         for m in batch:
@@ -492,16 +476,19 @@ class StreamWorker:
         raw = shard.store.multi_get([STATE_PREFIX + i.encode() for i in items])
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
+        work: list[tuple[str, ItemState | None, list[Forward]]] = []
+        last: list[int] = []
         for iid, blob in zip(items, raw, strict=True):
-            state: ItemState | None = serde.decode_item(blob) if blob is not None else None
+            state = serde.decode_item(blob) if blob is not None else None
             fws = per_item[iid]
             guard = state.offsets.get(topic, -1) if state is not None else -1
             fresh = [(o, f) for o, f in fws if o > guard]
             self.stats.redelivered += len(fws) - len(fresh)
-            if not fresh:
-                continue
-            new = apply_item_forwards(state, iid, [f for _, f in fresh], self.cfg)
-            new.offsets[topic] = fresh[-1][0]
+            if fresh:
+                work.append((iid, state, [f for _, f in fresh]))
+                last.append(fresh[-1][0])
+        for (iid, _, _), off, new in zip(work, last, apply_item_batch(work, self.cfg), strict=True):
+            new.offsets[topic] = off
             key = STATE_PREFIX + iid.encode()
             value = serde.encode_item(new)
             puts[key] = value
@@ -521,7 +508,7 @@ class StreamWorker:
 
     def _maybe_write_stats(self) -> None:
         now = time.monotonic()
-        if now - self._last_stats >= 1.0:
+        if now - self._last_stats >= self.settings.stats_interval_s:
             self._last_stats = now
             self.write_stats()
 

@@ -15,8 +15,9 @@ Design rules (see docs/ARCHITECTURE.md, "Determinism"):
 * Events older than ``max_event_time - lateness`` for their user are *late*: they
   are not applied and the worker sends them to the DLQ with reason ``late_event``.
 * Embeddings are online BPR steps; their inputs from the other stage (replica
-  item vectors, user snapshots) are snapshots, so they are reproducible only
-  within a float tolerance, not bit for bit.
+  item vectors, user snapshots) are snapshots, and a key with more than
+  ``max_rounds`` events in one batch takes damped mini-batch steps, so vectors
+  are reproducible only within a tolerance, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +42,9 @@ __all__ = [
     "Outcome",
     "TYPE_INDEX",
     "apply_user_events",
+    "apply_user_batch",
     "apply_item_forwards",
+    "apply_item_batch",
     "init_vector",
     "item_features",
     "user_features",
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 Vec = npt.NDArray[np.float32]
+_T = TypeVar("_T")
 
 TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
 N_TYPES = len(TYPE_INDEX)
@@ -75,6 +79,9 @@ class CoreConfig:
     ctr_prior_clicks: float = 1.0
     ctr_prior_impressions: float = 20.0
     trend_half_life_us: int = 3_600 * 1_000_000
+    #: at most this many sequential embedding steps per key per batch; a key with more
+    #: events in one batch takes damped mini-batch steps (see ``_damped_step``)
+    max_rounds: int = 4
 
 
 def hash64(text: str, seed: int = 0) -> int:
@@ -109,8 +116,11 @@ class ItemVectorSource(Protocol):
     def get(self, item_id: str) -> Vec | None:
         """The current vector of ``item_id``, or None when unknown."""
 
-    def sample(self, h: int, k: int) -> npt.NDArray[np.float32] | None:
-        """``k`` pseudo-random item vectors chosen by the 64-bit ``h`` (None when empty)."""
+    def get_many(self, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
+        """An (n, dim) matrix of the items' vectors; unknown items get :func:`init_vector`."""
+
+    def sample_many(self, hashes: npt.NDArray[np.uint64], k: int) -> npt.NDArray[np.float32] | None:
+        """(n, k, dim) pseudo-random item vectors chosen by 64-bit ``hashes`` (None when empty)."""
 
 
 @dataclass(slots=True)
@@ -253,6 +263,124 @@ def _apply_user_features(state: UserState, ev: Event, cfg: CoreConfig, out: Outc
     return True
 
 
+def _init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
+    """``init_vector`` for many keys at once (same values)."""
+    table = _init_table(cfg.dim, cfg.seed)
+    hs = np.array([hash64(kind + k, cfg.seed) for k in keys], dtype=np.uint64)
+    rows = (
+        table[(hs & np.uint64(4095)).astype(np.intp)] + table[((hs >> np.uint64(12)) & np.uint64(4095)).astype(np.intp)]
+    )
+    return (rows * np.float32(cfg.init_scale * math.sqrt(cfg.dim))).astype(np.float32)
+
+
+def _chunks(xs: list[_T], rounds: int) -> list[list[_T]]:
+    """Split ``xs`` into at most ``rounds`` contiguous chunks (one element each when short)."""
+    n = len(xs)
+    if n <= rounds:
+        return [[x] for x in xs]
+    bounds = [n * i // rounds for i in range(rounds + 1)]
+    return [xs[bounds[i] : bounds[i + 1]] for i in range(rounds)]
+
+
+def _damped_step(
+    contrib: npt.NDArray[np.float32],
+    lr: npt.NDArray[np.float32],
+    sizes: npt.NDArray[np.int_],
+    current: npt.NDArray[np.float32],
+    reg: np.float32,
+) -> npt.NDArray[np.float32]:
+    """One update per key from its chunk: mean gradient x sqrt(chunk size), minus L2 decay.
+
+    For a chunk of one event this is exactly that event's SGD step.
+    """
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    mean_contrib = np.add.reduceat(contrib, starts, axis=0) / sizes[:, None]
+    mean_lr = np.add.reduceat(lr, starts) / sizes
+    scale = np.sqrt(sizes).astype(np.float32)[:, None]
+    out: npt.NDArray[np.float32] = (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)
+    return out
+
+
+def apply_user_batch(
+    batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
+    cfg: CoreConfig,
+    items: ItemVectorSource,
+) -> list[tuple[UserState, Outcome]]:
+    """Apply each user's events (in arrival order) to that user's state.
+
+    The result equals applying the events one at a time per user; the embedding
+    steps are computed in *rounds* (the r-th positive event of every user at once)
+    so that numpy works on matrices instead of 64-float vectors. Item vectors are
+    read from ``items`` as of the start of the batch. Input states are not mutated.
+    """
+    news: list[UserState] = []
+    outs: list[Outcome] = []
+    accepted: list[list[Event]] = []
+    for _uid, state, events in batch:
+        new = UserState() if state is None else state.copy()
+        out = Outcome()
+        acc = [ev for ev in events if _apply_user_features(new, ev, cfg, out)]
+        news.append(new)
+        outs.append(out)
+        accepted.append(acc)
+    positives = [[ev for ev in acc if ev.type in POSITIVE_WEIGHTS] for acc in accepted]
+    order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
+    snaps: dict[str, tuple[Vec, tuple[float, ...]]] = {}
+    if order:
+        dim = cfg.dim
+        fresh = [j for j in order if news[j].vector is None]
+        if fresh:
+            init = _init_matrix([batch[j][0] for j in fresh], cfg, "u")
+            for row, j in enumerate(fresh):
+                news[j].vector = init[row]
+        U = np.stack([news[j].vector for j in order]).astype(np.float32)  # type: ignore[misc]
+        reg = np.float32(cfg.reg)
+        chunked = [_chunks(positives[j], cfg.max_rounds) for j in order]
+        for r in range(len(chunked[0])):
+            m = 0
+            while m < len(order) and len(chunked[m]) > r:
+                m += 1
+            groups = [chunked[i][r] for i in range(m)]
+            evs = [ev for grp in groups for ev in grp]
+            sizes = np.array([len(grp) for grp in groups])
+            rows = np.repeat(np.arange(m), sizes)
+            V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
+            hs = np.array([hash64(ev.event_id, cfg.seed) for ev in evs], dtype=np.uint64)
+            negs = items.sample_many(hs, cfg.negatives)
+            if negs is None:
+                negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
+            Ue = U[rows]
+            neg_scores = np.einsum("fkd,fd->fk", negs, Ue)
+            pos = np.einsum("fd,fd->f", Ue, V)
+            g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
+            grad = (g[:, :, None] * (V[:, None, :] - negs)).mean(axis=1)
+            lr = np.array([cfg.lr * POSITIVE_WEIGHTS[ev.type] for ev in evs], dtype=np.float32)
+            for i, ev in enumerate(evs):
+                snaps[ev.event_id] = (Ue[i], tuple(neg_scores[i].tolist()))
+            U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
+        for row, j in enumerate(order):
+            news[j].vector = U[row].copy()
+            news[j].steps += len(positives[j])
+    results = []
+    for j, (uid, _state, _events) in enumerate(batch):
+        out = outs[j]
+        for ev in accepted[j]:
+            if ev.type is EventType.IMPRESSION:
+                for item in ev.items:
+                    out.forwards.append(Forward(item, ev.event_id, ev.type, ev.ts_us, uid))
+                continue
+            assert ev.item_id is not None  # guaranteed by the codec for these types
+            snap = snaps.get(ev.event_id)
+            if snap is None:
+                out.forwards.append(Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, uid))
+            else:
+                out.forwards.append(
+                    Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, uid, user_vector=snap[0], neg_scores=snap[1])
+                )
+        results.append((news[j], out))
+    return results
+
+
 def apply_user_events(
     state: UserState | None,
     user_id: str,
@@ -260,51 +388,8 @@ def apply_user_events(
     cfg: CoreConfig,
     items: ItemVectorSource,
 ) -> tuple[UserState, Outcome]:
-    """Apply ``events`` (one user's, in arrival order) to ``state``.
-
-    Returns the new state (``state`` itself is not mutated) and an
-    :class:`Outcome` with the forwards for the item stage plus the duplicates
-    and late events that were not applied.
-    """
-    new = UserState() if state is None else state.copy()
-    out = Outcome()
-    for ev in events:
-        if not _apply_user_features(new, ev, cfg, out):
-            continue
-        if ev.type is EventType.IMPRESSION:
-            for item in ev.items:
-                out.forwards.append(Forward(item, ev.event_id, ev.type, ev.ts_us, user_id))
-            continue
-        if ev.type is EventType.ITEM_UPSERT:  # pragma: no cover - routed by item, see worker
-            continue
-        item_id = ev.item_id
-        assert item_id is not None  # guaranteed by the codec for these types
-        weight = POSITIVE_WEIGHTS.get(ev.type, 0.0)
-        if weight <= 0.0:
-            out.forwards.append(Forward(item_id, ev.event_id, ev.type, ev.ts_us, user_id))
-            continue
-        if new.vector is None:
-            new.vector = init_vector(user_id, cfg, "u")
-        u = new.vector
-        v = items.get(item_id)
-        if v is None:
-            v = init_vector(item_id, cfg, "i")
-        negs = items.sample(hash64(ev.event_id, cfg.seed), cfg.negatives)
-        if negs is None:
-            negs = np.zeros((1, cfg.dim), dtype=np.float32)
-        neg_scores = negs @ u
-        g = _sigmoid(neg_scores - np.float32(u @ v))  # sigma(-(x_ui - x_uj))
-        grad = (g[:, None] * (v[None, :] - negs)).mean(axis=0)
-        lr = np.float32(cfg.lr * weight)
-        out.forwards.append(
-            Forward(
-                item_id, ev.event_id, ev.type, ev.ts_us, user_id,
-                user_vector=u.copy(), neg_scores=tuple(float(s) for s in neg_scores),
-            )
-        )  # fmt: skip
-        new.vector = (u + lr * (grad - np.float32(cfg.reg) * u)).astype(np.float32)
-        new.steps += 1
-    return new, out
+    """Apply one user's ``events`` (arrival order); see :func:`apply_user_batch`."""
+    return apply_user_batch([(user_id, state, events)], cfg, items)[0]
 
 
 def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight: int) -> None:
@@ -320,47 +405,104 @@ def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight:
             del buckets[old]
 
 
+def _apply_item_features(new: ItemState, fw: Forward) -> None:
+    new.version += 1
+    new.counts[TYPE_INDEX[fw.type]] += 1
+    if fw.type is EventType.ITEM_UPSERT:
+        key = (fw.ts_us, fw.event_id)
+        if new.upsert_key is None or key > new.upsert_key:
+            new.upsert_key = key
+            new.eligible = fw.eligible
+            new.category = fw.category
+        return
+    new.max_ts = max(new.max_ts, fw.ts_us)
+    if fw.type is EventType.IMPRESSION:
+        slots: tuple[int, ...] = (0,)
+    elif fw.type is EventType.CLICK:
+        slots = (1, 2)  # a click is also a positive interaction
+    else:
+        slots = (2,)
+    for slot in slots:
+        _bump(new.b5, fw.ts_us // B5_US, KEEP_B5, slot, 1)
+        _bump(new.b60, fw.ts_us // B60_US, KEEP_B60, slot, 1)
+
+
+def apply_item_batch(
+    batch: Sequence[tuple[str, ItemState | None, Sequence[Forward]]], cfg: CoreConfig
+) -> list[ItemState]:
+    """Apply each item's forwards (arrival order); embedding steps vectorized in rounds.
+
+    Equal to applying the forwards one at a time per item. Inputs are not mutated.
+    """
+    news: list[ItemState] = []
+    steps: list[list[Forward]] = []
+    for iid, state, forwards in batch:
+        new = ItemState() if state is None else state.copy()
+        mine: list[Forward] = []
+        for fw in forwards:
+            _apply_item_features(new, fw)
+            if fw.type is EventType.ITEM_UPSERT and fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
+                if mine:  # keep the order of vector writes: flush the steps before a bootstrap
+                    _item_steps([new], [mine], cfg, [iid])
+                    mine = []
+                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
+            elif fw.user_vector is not None:
+                mine.append(fw)
+        news.append(new)
+        steps.append(mine)
+    _item_steps(news, steps, cfg, [iid for iid, _, _ in batch])
+    return news
+
+
+def _item_steps(
+    news: list[ItemState], steps: list[list[Forward]], cfg: CoreConfig, ids: list[str] | None = None
+) -> None:
+    order = sorted((j for j in range(len(news)) if steps[j]), key=lambda j: -len(steps[j]))
+    if not order:
+        return
+    fresh = [j for j in order if news[j].vector is None]
+    if fresh:
+        assert ids is not None
+        init = _init_matrix([ids[j] for j in fresh], cfg, "i")
+        for row, j in enumerate(fresh):
+            news[j].vector = init[row]
+    V = np.stack([news[j].vector for j in order]).astype(np.float32)  # type: ignore[misc]
+    reg = np.float32(cfg.reg)
+    chunked = [_chunks(steps[j], cfg.max_rounds) for j in order]
+    for r in range(len(chunked[0])):
+        m = 0
+        while m < len(order) and len(chunked[m]) > r:
+            m += 1
+        groups = [chunked[i][r] for i in range(m)]
+        fws = [fw for grp in groups for fw in grp]
+        sizes = np.array([len(grp) for grp in groups])
+        rows = np.repeat(np.arange(m), sizes)
+        Ur = np.stack([fw.user_vector for fw in fws]).astype(np.float32)  # type: ignore[misc]
+        Ve = V[rows]
+        pos = np.einsum("fd,fd->f", Ur, Ve)
+        k = max(len(fw.neg_scores) for fw in fws) or 1
+        NS = np.zeros((len(fws), k), dtype=np.float32)
+        mask = np.zeros((len(fws), k), dtype=np.float32)
+        for i, fw in enumerate(fws):
+            n = len(fw.neg_scores)
+            if n:
+                NS[i, :n] = fw.neg_scores
+                mask[i, :n] = 1.0
+            else:
+                mask[i, 0] = 1.0
+        g = (_sigmoid(NS - pos[:, None]) * mask).sum(axis=1) / mask.sum(axis=1)
+        lr = np.array([cfg.lr * POSITIVE_WEIGHTS.get(fw.type, 0.0) for fw in fws], dtype=np.float32)
+        V[:m] = V[:m] + _damped_step((lr * g)[:, None] * Ur, lr, sizes, V[:m], reg)
+    for row, j in enumerate(order):
+        news[j].vector = V[row].copy()
+        news[j].steps += len(steps[j])
+
+
 def apply_item_forwards(
     state: ItemState | None, item_id: str, forwards: Iterable[Forward], cfg: CoreConfig
 ) -> ItemState:
-    """Apply one item's forwards (in arrival order) to ``state``; ``state`` is not mutated."""
-    new = ItemState() if state is None else state.copy()
-    for fw in forwards:
-        new.version += 1
-        if fw.type is EventType.ITEM_UPSERT:
-            key = (fw.ts_us, fw.event_id)
-            if new.upsert_key is None or key > new.upsert_key:
-                new.upsert_key = key
-                new.eligible = fw.eligible
-                new.category = fw.category
-            if fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
-                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
-            new.counts[TYPE_INDEX[fw.type]] += 1
-            continue
-        new.counts[TYPE_INDEX[fw.type]] += 1
-        new.max_ts = max(new.max_ts, fw.ts_us)
-        if fw.type is EventType.IMPRESSION:
-            slots: tuple[int, ...] = (0,)
-        elif fw.type is EventType.CLICK:
-            slots = (1, 2)  # a click is also a positive interaction
-        else:
-            slots = (2,)
-        for slot in slots:
-            _bump(new.b5, fw.ts_us // B5_US, KEEP_B5, slot, 1)
-            _bump(new.b60, fw.ts_us // B60_US, KEEP_B60, slot, 1)
-        if fw.user_vector is None:
-            continue
-        if new.vector is None:
-            new.vector = init_vector(item_id, cfg, "i")
-        v = new.vector
-        u = fw.user_vector
-        pos = np.float32(u @ v)
-        negs = np.asarray(fw.neg_scores or (0.0,), dtype=np.float32)
-        g = np.float32(_sigmoid(negs - pos).mean())
-        lr = np.float32(cfg.lr * POSITIVE_WEIGHTS.get(fw.type, 0.0))
-        new.vector = (v + lr * (g * u - np.float32(cfg.reg) * v)).astype(np.float32)
-        new.steps += 1
-    return new
+    """Apply one item's forwards (arrival order); see :func:`apply_item_batch`."""
+    return apply_item_batch([(item_id, state, list(forwards))], cfg)[0]
 
 
 def _window(buckets: dict[int, list[int]], width_us: int, now_us: int, span_us: int) -> list[int]:

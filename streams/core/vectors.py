@@ -1,0 +1,67 @@
+"""In-memory item vectors: the user stage's read side of the item embeddings (pure, no I/O).
+
+Live, it is fed from the item changelog; in replay, from the replayer's own item
+states. Both implement :class:`streams.core.state.ItemVectorSource`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.core.state import CoreConfig, Vec, init_vector
+
+__all__ = ["ItemReplica"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+
+class ItemReplica:
+    """Item id -> vector, stored as rows of one growing matrix."""
+
+    def __init__(self, cfg: CoreConfig) -> None:
+        self.cfg = cfg
+        self._rows: dict[str, int] = {}
+        self._mat: npt.NDArray[np.float32] = np.zeros((1024, cfg.dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def put(self, item_id: str, vector: Vec) -> None:
+        """Insert or replace one item's vector."""
+        row = self._rows.get(item_id)
+        if row is None:
+            row = len(self._rows)
+            if row >= len(self._mat):
+                self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+            self._rows[item_id] = row
+        self._mat[row] = vector
+
+    def get(self, item_id: str) -> Vec | None:
+        """The vector of ``item_id`` or None."""
+        row = self._rows.get(item_id)
+        return None if row is None else self._mat[row]
+
+    def get_many(self, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
+        """(n, dim) vectors; unknown items get their deterministic initial vector."""
+        rows = self._rows
+        idx = [rows.get(i, -1) for i in item_ids]
+        out = self._mat[idx] if item_ids else np.zeros((0, self.cfg.dim), dtype=np.float32)
+        for n, r in enumerate(idx):
+            if r < 0:
+                out[n] = init_vector(item_ids[n], self.cfg, "i")
+        return out
+
+    def sample_many(self, hashes: npt.NDArray[np.uint64], k: int) -> npt.NDArray[np.float32] | None:
+        """(n, k, dim) item vectors picked by ``hashes`` (deterministic for a given replica)."""
+        n = len(self._rows)
+        if n == 0:
+            return None
+        with np.errstate(over="ignore"):
+            j = np.arange(k, dtype=np.uint64)
+            mixed = (hashes[:, None] ^ (j[None, :] * _GOLDEN)) * _MIX
+            idx = ((mixed >> np.uint64(17)) % np.uint64(n)).astype(np.intp)
+        return self._mat[idx]
