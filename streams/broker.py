@@ -74,11 +74,15 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--cluster-id", self.cluster_id],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+        try:
+            self._proc = subprocess.Popen(
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", "memory://tansu/", "--cluster-id", self.cluster_id],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        finally:
+            if not isinstance(out, int):
+                out.close()  # the child has its own descriptor
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s)
         except BrokerError:

@@ -1,0 +1,89 @@
+"""Codec: round trips (property-based) and one test per rejection reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streams import codec
+from streams.errors import InvalidEvent
+from streams.events import Context, Event, EventType
+
+ids = st.text(min_size=1, max_size=40)
+ts = st.integers(min_value=0, max_value=4_000_000_000_000_000)
+opt = st.none() | st.text(max_size=20)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> Event:
+    etype = draw(st.sampled_from(list(EventType)))
+    ctx = Context(draw(opt), draw(opt), draw(opt), draw(st.none() | st.integers(0, 10_000)))
+    common = {"event_id": draw(ids), "type": etype, "ts_us": draw(ts), "context": ctx}
+    if etype is EventType.IMPRESSION:
+        return Event(**common, user_id=draw(ids), items=tuple(draw(st.lists(ids, min_size=1, max_size=5))),
+                     request_id=draw(opt), propensity=draw(st.none() | st.floats(0.001, 1.0)))  # fmt: skip
+    if etype is EventType.ITEM_UPSERT:
+        vec = draw(st.none() | st.lists(st.floats(-10, 10, width=32), min_size=1, max_size=8).map(tuple))
+        return Event(**common, item_id=draw(ids), eligible=draw(st.booleans()), category=draw(opt), vector=vec)
+    return Event(**common, user_id=draw(ids), item_id=draw(ids))
+
+
+@given(events())
+def test_round_trip(ev: Event) -> None:
+    assert codec.decode(codec.encode(ev)) == ev
+
+
+@given(events())
+def test_event_time_is_tz_aware(ev: Event) -> None:
+    assert ev.event_time.tzinfo is not None
+    assert codec.decode(codec.encode(ev)).event_time == ev.event_time
+
+
+GOOD = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i1",
+        "event_time": "2026-11-22T10:00:00Z", "schema_version": 1}  # fmt: skip
+
+
+def _reason(raw: bytes, ref_us: int | None = None) -> str:
+    with pytest.raises(InvalidEvent) as info:
+        codec.decode(raw, ref_us)
+    return info.value.reason
+
+
+def test_good_event_decodes() -> None:
+    ev = codec.decode(orjson.dumps(GOOD))
+    assert (ev.type, ev.user_id, ev.item_id) == (EventType.CLICK, "u1", "i1")
+    assert ev.ts_us == 1_795_341_600_000_000  # 2026-11-22T10:00:00Z, by hand: 20779 days * 86400 + 36000 s
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "not_an_object"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "user_id"}), "missing_field"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "event_time"}), "missing_field"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "schema_version"}), "missing_field"),
+        (orjson.dumps({**GOOD, "user_id": 42}), "wrong_type"),
+        (orjson.dumps({**GOOD, "event_time": 1700000000}), "wrong_type"),
+        (orjson.dumps({**GOOD, "type": "teleport"}), "unknown_type"),
+        (orjson.dumps({**GOOD, "event_time": "yesterday"}), "bad_timestamp"),
+        (orjson.dumps({**GOOD, "event_time": "2026-11-22T10:00:00"}), "bad_timestamp"),
+        (orjson.dumps({**GOOD, "schema_version": 99}), "unsupported_schema_version"),
+        (orjson.dumps({**GOOD, "user_id": ""}), "bad_value"),
+        (orjson.dumps({**GOOD, "type": "impression", "items": []}), "bad_value"),
+        (orjson.dumps({**GOOD, "context": {"position": -1}}), "wrong_type"),
+        (b'{"pad": "' + b"x" * codec.MAX_EVENT_BYTES + b'"}', "oversized"),
+    ],
+)
+def test_rejections_have_machine_readable_reasons(raw: bytes, reason: str) -> None:
+    assert _reason(raw) == reason
+    assert reason in codec.REASONS
+
+
+def test_future_timestamp_is_relative_to_the_record_time() -> None:
+    raw = orjson.dumps(GOOD)
+    event_us = 1_795_341_600_000_000
+    assert _reason(raw, ref_us=event_us - codec.MAX_FUTURE_US - 1) == "future_timestamp"
+    assert codec.decode(raw, ref_us=event_us - codec.MAX_FUTURE_US).user_id == "u1"

@@ -1,0 +1,151 @@
+"""The pure state functions: feature math worked out by hand, idempotence, order independence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.core import serde
+from streams.core.state import (
+    B60_US,
+    CoreConfig,
+    Forward,
+    apply_item_forwards,
+    apply_user_events,
+    item_features,
+    user_features,
+)
+from streams.core.vectors import ItemReplica
+from streams.events import Context, Event, EventType
+
+CFG = CoreConfig(dim=8)
+H = 3_600_000_000  # one hour in microseconds
+T0 = 1_000 * H
+
+
+def ev(i: int, etype: EventType = EventType.CLICK, item: str = "i1", t: int = 0, session: str | None = None) -> Event:
+    return Event(f"e{i}", etype, T0 + t, user_id="u1", item_id=item, context=Context(session_id=session))
+
+
+def fw(i: int, etype: EventType, t: int) -> Forward:
+    return Forward("i1", f"e{i}", etype, T0 + t, "u1")
+
+
+def test_counts_recent_and_session() -> None:
+    items = ItemReplica(CFG)
+    events = [ev(1, EventType.VIEW, "a", 0, "s1"), ev(2, EventType.CLICK, "b", 10, "s1"),
+              ev(3, EventType.PURCHASE, "c", 5, "s2")]  # fmt: skip
+    state, out = apply_user_events(None, "u1", events, CFG, items)
+    f = user_features(state)
+    assert f["counts"] == {"view": 1, "click": 1, "add_to_cart": 0, "purchase": 1, "impression": 0, "item_upsert": 0}
+    assert f["recent_items"] == ["b", "c", "a"]  # newest event time first, whatever the arrival order
+    assert f["session_id"] == "s1"  # the session of the newest event (t=10)
+    assert state.version == 3 and state.steps == 3  # three positives -> three embedding steps
+    assert [x.item_id for x in out.forwards] == ["a", "b", "c"]
+
+
+def test_redelivered_event_changes_nothing() -> None:
+    items = ItemReplica(CFG)
+    once, _ = apply_user_events(None, "u1", [ev(1), ev(2)], CFG, items)
+    twice, out = apply_user_events(once, "u1", [ev(2), ev(1)], CFG, items)
+    assert serde.user_digest(twice) == serde.user_digest(once)
+    assert twice.vector is not None and once.vector is not None
+    assert np.array_equal(twice.vector, once.vector)
+    assert [d.event_id for d in out.duplicates] == ["e2", "e1"]
+    assert out.forwards == []
+
+
+def test_late_events_are_reported_not_applied() -> None:
+    items = ItemReplica(CFG)
+    state, _ = apply_user_events(None, "u1", [ev(1, t=2 * H)], CFG, items)
+    state2, out = apply_user_events(state, "u1", [ev(2, t=2 * H - CFG.lateness_us - 1), ev(3, t=H + 1)], CFG, items)
+    assert [e.event_id for e in out.late] == ["e2"]
+    assert state2.counts[1] == 2  # e1 and e3 (within the lateness) are applied
+
+
+def test_input_state_is_not_mutated() -> None:
+    items = ItemReplica(CFG)
+    state, _ = apply_user_events(None, "u1", [ev(1)], CFG, items)
+    before = serde.encode_user(state)
+    apply_user_events(state, "u1", [ev(2), ev(3, EventType.VIEW)], CFG, items)
+    assert serde.encode_user(state) == before
+
+
+def test_item_ctr_trending_and_popularity_by_hand() -> None:
+    forwards = [fw(1, EventType.IMPRESSION, 10 * H + 1), fw(2, EventType.IMPRESSION, 10 * H + 2),
+                fw(3, EventType.IMPRESSION, 10 * H + 3), fw(4, EventType.CLICK, 10 * H + 4)]  # fmt: skip
+    state = apply_item_forwards(None, "i1", forwards, CFG)
+    # "now" = 10h30m: every event is inside the last hour and the last day
+    f = item_features(state, T0 + 10 * H + H // 2, CFG)
+    assert f["ctr_1h"] == pytest.approx((1 + 1) / (3 + 20))  # (clicks + a) / (impressions + b), a=1, b=20
+    assert f["ctr_24h"] == pytest.approx(2 / 23)
+    assert f["pos_1h"] == 1 and f["pos_24h"] == 1  # the click is the only positive
+    assert f["trending"] == pytest.approx((1 + 1) / (1 / 24 + 1))  # = 1.92
+    # two hours later the hour bucket [10h, 11h) ended 1h ago, i.e. one half-life
+    later = item_features(state, T0 + 12 * H, CFG)
+    assert later["popularity"] == pytest.approx(0.5)
+    assert later["pos_1h"] == 0 and later["ctr_1h"] == pytest.approx(1 / 20)
+
+
+def test_hour_buckets_older_than_the_window_are_dropped_in_any_order() -> None:
+    old, new = fw(1, EventType.CLICK, 0), fw(2, EventType.CLICK, 60 * H)
+    a = apply_item_forwards(None, "i1", [old, new], CFG)
+    b = apply_item_forwards(None, "i1", [new, old], CFG)
+    assert serde.item_digest(a) == serde.item_digest(b)
+    assert sorted(a.b60) == [(T0 + 60 * H) // B60_US]
+
+
+def test_item_upsert_newest_wins_whatever_the_arrival_order() -> None:
+    up1 = Forward("i1", "u-1", EventType.ITEM_UPSERT, T0 + 1, eligible=True, category="old")
+    up2 = Forward("i1", "u-2", EventType.ITEM_UPSERT, T0 + 2, eligible=False, category="new")
+    for order in ([up1, up2], [up2, up1]):
+        s = apply_item_forwards(None, "i1", order, CFG)
+        assert (s.eligible, s.category) == (False, "new")
+
+
+def test_item_step_moves_the_vector_towards_the_user() -> None:
+    u = np.ones(CFG.dim, dtype=np.float32)
+    f = Forward("i1", "e1", EventType.CLICK, T0, "u1", user_vector=u, neg_scores=(0.0,))
+    before = apply_item_forwards(None, "i1", [], CFG)
+    after = apply_item_forwards(None, "i1", [f], CFG)
+    assert before.vector is None and after.vector is not None
+    from streams.core.state import init_vector
+
+    v0 = init_vector("i1", CFG, "i")
+    g = 1 / (1 + math.exp(-(0.0 - float(u @ v0))))  # sigma(-(x_ui - x_uj)) with x_uj = 0
+    expected = v0 + CFG.lr * 1.0 * (g * u - CFG.reg * v0)  # click weight 1.0
+    assert np.allclose(after.vector, expected, atol=1e-6)
+    assert float(after.vector @ u) > float(v0 @ u)
+
+
+def test_serde_round_trips() -> None:
+    items = ItemReplica(CFG)
+    state, out = apply_user_events(None, "u1", [ev(1), ev(2, EventType.VIEW, "x")], CFG, items)
+    assert serde.encode_user(serde.decode_user(serde.encode_user(state))) == serde.encode_user(state)
+    item = apply_item_forwards(None, "i1", out.forwards[:1], CFG)
+    assert serde.encode_item(serde.decode_item(serde.encode_item(item))) == serde.encode_item(item)
+    f, src, seq = serde.decode_forward(serde.encode_forward(out.forwards[0], 3, 77))
+    assert (src, seq, f.event_id) == (3, 77, "e1")
+    assert f.user_vector is not None and np.array_equal(f.user_vector, out.forwards[0].user_vector)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.permutations(list(range(12))), st.lists(st.integers(0, 11), max_size=4))
+def test_features_are_independent_of_arrival_order_and_duplicates(perm: list[int], dups: list[int]) -> None:
+    kinds = [EventType.VIEW, EventType.CLICK, EventType.PURCHASE, EventType.IMPRESSION]
+    base = [
+        Event(f"e{i}", kinds[i % 4], T0 + (i * 7919 % 13) * 60_000_000, user_id="u1",
+              item_id=None if kinds[i % 4] is EventType.IMPRESSION else f"i{i % 5}",
+              items=(f"i{i % 3}", "i9") if kinds[i % 4] is EventType.IMPRESSION else (),
+              context=Context(session_id=f"s{i % 2}"))
+        for i in range(12)
+    ]  # fmt: skip
+    items = ItemReplica(CFG)
+    ref, _ = apply_user_events(None, "u1", sorted(base, key=lambda e: (e.ts_us, e.event_id)), CFG, items)
+    shuffled = [base[i] for i in perm] + [base[i] for i in dups]
+    got, _ = apply_user_events(None, "u1", shuffled, CFG, items)
+    assert serde.user_digest(got) == serde.user_digest(ref)

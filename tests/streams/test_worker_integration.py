@@ -1,0 +1,167 @@
+"""The stream worker against a real Tansu broker and real RocksDB shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from streams.broker import ensure_topics
+from streams.config import Settings
+from streams.core import serde
+from streams.core.partition import partition_for
+from streams.errors import StateMismatch
+from streams.producer import make_producer, produce_records, synthetic_events
+from streams.store import STATE_PREFIX, open_store
+from streams.worker import StreamWorker
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _event(i: int, user: str, item: str, etype: str = "click") -> bytes:
+    return orjson.dumps({"event_id": f"e{i}", "type": etype, "user_id": user, "item_id": item,
+                         "event_time": "2026-11-22T10:00:00Z", "schema_version": 1})  # fmt: skip
+
+
+def _read_all(settings: Settings, topic: str, partitions: int) -> list[object]:
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "t-reader", "log_level": 3,
+                  "enable.auto.commit": False})  # fmt: skip
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    out, idle = [], 0
+    while idle < 4:
+        msgs = [m for m in c.consume(1000, 0.5) if m.error() is None]
+        idle = 0 if msgs else idle + 1
+        out.extend(msgs)
+    c.close()
+    return out
+
+
+def _user_counts(settings: Settings) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for p in range(settings.partitions):
+        st = open_store(settings.store_url, "user", p, read_only=True)
+        for k, v in st.scan(STATE_PREFIX):
+            counts[k[1:].decode()] = sum(serde.decode_user(v).counts)
+        st.close()
+    return counts
+
+
+def _run_until(worker: StreamWorker, pred, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not pred():
+            assert time.monotonic() < deadline, f"timed out; stats {worker.stats.snapshot()}"
+            assert thread.is_alive(), "worker thread died"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        thread.join(30)
+
+
+def test_bad_events_go_to_the_dlq_and_duplicates_count_once(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    good = [_event(i, f"u{i % 4}", f"i{i % 3}") for i in range(20)]
+    bad = [b"{nope", orjson.dumps({"event_id": "x", "type": "click"}), _event(99, "u1", "i1", "teleport")]
+    for value in good + [good[3], good[7]] + bad:  # two redelivered (duplicate) events
+        producer.produce(s.topics.events, value, b"u1")
+    producer.flush()
+    worker = StreamWorker(s)
+    _run_until(worker, lambda: worker.stats.events >= 25 and worker.stats.item_records >= 20)
+    assert worker.stats.dlq == 3 and worker.stats.duplicates == 2
+    assert _user_counts(s) == Counter({"u0": 5, "u1": 5, "u2": 5, "u3": 5})
+    dlq = _read_all(s, s.topics.dlq, 1)
+    reasons = sorted(dict(m.headers())["reason"].decode() for m in dlq)  # type: ignore[attr-defined]
+    assert reasons == ["bad_json", "missing_field", "unknown_type"]
+    assert {m.value() for m in dlq} == set(bad)  # type: ignore[attr-defined]  # the original bytes
+
+
+def test_murmur2_matches_the_client_partitioner(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    seen: dict[str, int] = {}
+    for i in range(200):
+        key = f"user-{i}" * (1 + i % 4)
+        producer.produce(s.topics.events, b"x", key.encode(),
+                         on_delivery=lambda err, msg, k=key: seen.__setitem__(k, msg.partition()))  # fmt: skip
+    producer.flush()
+    assert len(seen) == 200
+    assert all(partition_for(k, s.partitions) == p for k, p in seen.items())
+
+
+def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    records = list(synthetic_events(30_000, users=500, items=200, seed=7, start_us=int(time.time() * 1e6) - 10**9,
+                                    step_us=1, bad_every=500))  # fmt: skip
+    expected: Counter[str] = Counter()
+    for r in records:
+        try:
+            expected[orjson.loads(r.value)["user_id"]] += 1
+        except orjson.JSONDecodeError:
+            pass
+    produce_records(make_producer(s.bootstrap_servers), s.topics.events, iter(records))
+    env = {**os.environ, "FRESHREC_STATS_INTERVAL_S": "0.05",
+           "FRESHREC_TOPICS": Settings.model_fields["topics"].annotation.model_validate(s.topics).model_dump_json()}  # fmt: skip
+    cmd = [sys.executable, "-m", "streams.cli", "worker", "--bootstrap-servers", s.bootstrap_servers,
+           "--partitions", str(s.partitions), "--data-dir", s.data_dir, "--group-id", s.group_id]  # fmt: skip
+    stats = Path(s.data_dir).parent / "stats.json"
+    proc = subprocess.Popen([*cmd, "--stats-path", str(stats)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None
+        try:
+            if orjson.loads(stats.read_bytes())["events"] >= 5_000:
+                break
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    mid = _user_counts(s)
+    assert 0 < sum(mid.values()) < sum(expected.values())  # it really died mid-stream
+    stats2 = Path(s.data_dir).parent / "stats2.json"
+    proc = subprocess.Popen([*cmd, "--stats-path", str(stats2)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                st = orjson.loads(stats2.read_bytes())
+                if st["batches"] > 0 and st["idle_s"] is not None and st["idle_s"] > 1.5:
+                    break
+            except (FileNotFoundError, orjson.JSONDecodeError):
+                pass
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert _user_counts(s) == expected
+
+
+def test_a_broker_that_restarted_empty_is_detected(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    producer.produce(s.topics.events, _event(1, "u1", "i1"), b"u1")
+    producer.flush()
+    worker = StreamWorker(s)
+    _run_until(worker, lambda: worker.stats.events >= 1)
+    # same local shards, but a log with a new epoch: what a restarted memory-only broker looks like
+    fresh_log = s.model_copy(update={"topics": s.topics.model_copy(update={"meta": s.topics.meta + "-new"})})
+    with pytest.raises(StateMismatch, match="restarted with an empty log"):
+        StreamWorker(fresh_log).run(max_seconds=30)
