@@ -1,0 +1,115 @@
+"""The serving process's item catalog: compact per-item features for ranking and fallbacks.
+
+Decoding a full :class:`~streams.core.state.ItemState` costs tens of microseconds, far too
+much for hundreds of candidates per request. The replica therefore decodes each item state
+once, when its changelog record arrives, and keeps only what the request path needs in
+numpy columns indexed by a dense row number.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from streams.core.state import CoreConfig, ItemState, item_features
+
+__all__ = ["ItemCatalog"]
+
+
+class ItemCatalog:
+    """Item id -> (eligible, category, ctr_24h, popularity, trending, last event time).
+
+    ``update`` is called by the replica thread; readers (the request path) only read
+    numpy columns and swap-in lists, so no lock is needed on the read side beyond the
+    GIL: a row's columns may be read while it is being updated, which at worst mixes one
+    item's old and new feature values in one response.
+    """
+
+    def __init__(self, cfg: CoreConfig, capacity: int = 1024) -> None:
+        self.cfg = cfg
+        self._rows: dict[str, int] = {}
+        self._ids: list[str] = []
+        self.category: list[str | None] = []
+        self.eligible = np.zeros(capacity, dtype=bool)
+        self.ctr = np.zeros(capacity, dtype=np.float32)
+        self.popularity = np.zeros(capacity, dtype=np.float32)
+        self.trending = np.zeros(capacity, dtype=np.float32)
+        self.last_ts = np.zeros(capacity, dtype=np.int64)
+        self._lock = threading.Lock()  # writers only
+        self._trending_ids: list[str] = []
+        self.trending_computed_at_us = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def row(self, item_id: str) -> int:
+        """The dense row of ``item_id``, or -1."""
+        return self._rows.get(item_id, -1)
+
+    def rows(self, item_ids: Sequence[str]) -> npt.NDArray[np.intp]:
+        """Dense rows of ``item_ids`` (-1 for unknown ones)."""
+        get = self._rows.get
+        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.intp, count=len(item_ids))
+
+    def _grow(self) -> None:
+        n = len(self.eligible) * 2
+        for name in ("eligible", "ctr", "popularity", "trending", "last_ts"):
+            old = getattr(self, name)
+            new = np.zeros(n, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def update(self, item_id: str, state: ItemState) -> None:
+        """Record the features of ``state`` as of its own newest event time."""
+        now = state.max_ts
+        feats = item_features(state, now, self.cfg) if now else None
+        with self._lock:
+            r = self._rows.get(item_id)
+            if r is None:
+                r = len(self._ids)
+                if r >= len(self.eligible):
+                    self._grow()
+                self._ids.append(item_id)
+                self.category.append(None)
+                self._rows[item_id] = r
+            self.eligible[r] = state.eligible
+            self.category[r] = state.category
+            self.last_ts[r] = now
+            if feats is not None:
+                self.ctr[r] = feats["ctr_24h"]
+                self.popularity[r] = feats["popularity"]
+                self.trending[r] = feats["trending"]
+            else:
+                self.ctr[r] = self.cfg.ctr_prior_clicks / self.cfg.ctr_prior_impressions
+
+    def hot_scores(self, now_us: int) -> npt.NDArray[np.float32]:
+        """Decayed popularity as of ``now_us`` for every row (ineligible rows get -inf)."""
+        n = len(self._ids)
+        lam = math.log(2) / self.cfg.trend_half_life_us
+        age = np.maximum(0, now_us - self.last_ts[:n]).astype(np.float64)
+        score = (self.popularity[:n] * np.exp(-lam * age)).astype(np.float32)
+        score[~self.eligible[:n]] = -np.inf
+        return score
+
+    def refresh_trending(self, now_us: int, size: int) -> None:
+        """Recompute the trending list (the cold-start fallback) as of ``now_us``."""
+        n = len(self._ids)
+        if n == 0:
+            return
+        score = self.hot_scores(now_us)
+        m = min(size, n)
+        top = np.argpartition(-score, m - 1)[:m] if m < n else np.arange(n)
+        # ties broken by id for a deterministic list
+        ids = self._ids
+        order = sorted(top.tolist(), key=lambda r: (-float(score[r]), ids[r]))
+        self._trending_ids = [ids[r] for r in order if score[r] > -np.inf]
+        self.trending_computed_at_us = now_us
+
+    @property
+    def trending_ids(self) -> list[str]:
+        """The latest trending list, best first (eligible items only)."""
+        return self._trending_ids

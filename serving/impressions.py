@@ -1,0 +1,115 @@
+"""Asynchronous impression logging: every served slate goes to the ``impressions`` topic.
+
+The request path only appends to an in-process queue (sub-microsecond); a background
+thread encodes the impression event and hands it to the Kafka producer. If the broker is
+down the producer buffers (up to its queue limit) and the API keeps answering; records
+that cannot be queued at all are counted as ``dropped`` rather than blocking requests.
+
+The record is a regular ``impression`` event (see :mod:`streams.codec`), keyed by user
+and partitioned with murmur2 like every producer of ``events``, so the worker co-partitions
+it with the user's events. The extra fields (``positions``, ``scores``, ``sources``,
+``versions``) are carried for the learners and audits of later issues; the codec ignores
+fields it does not know.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaException, Producer
+
+from serving.recommend import Slate
+from serving.settings import ServingSettings
+from streams.core.partition import partition_for
+from streams.events import SCHEMA_VERSION, ts_to_datetime
+
+__all__ = ["ImpressionLogger", "impression_event"]
+
+log = logging.getLogger(__name__)
+
+
+def impression_event(slate: Slate, ts_us: int, surface: str | None) -> dict[str, Any]:
+    """The impression event for ``slate`` served at ``ts_us``."""
+    event: dict[str, Any] = {
+        "event_id": f"imp-{slate.request_id}",
+        "type": "impression",
+        "user_id": slate.user_id,
+        "event_time": ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z"),
+        "schema_version": SCHEMA_VERSION,
+        "request_id": slate.request_id,
+        "items": [it.item_id for it in slate.items],
+        "positions": list(range(len(slate.items))),
+        "scores": [round(it.score, 6) for it in slate.items],
+        "sources": [it.source for it in slate.items],
+        "fallback": slate.fallback,
+        "versions": {
+            "model": slate.provenance["model_version"],
+            "index": slate.provenance["index"]["version"],
+            "state_event_watermark_us": slate.provenance["state"]["event_watermark_us"],
+        },
+    }
+    if surface:
+        event["context"] = {"surface": surface}
+    return event
+
+
+class ImpressionLogger:
+    """Queue + background producer thread for served slates."""
+
+    def __init__(self, settings: ServingSettings, producer: Producer, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._queue: queue.SimpleQueue[tuple[Slate, int, str | None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._producer = producer
+        self.sent = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        """Start the logging thread."""
+        self._thread = threading.Thread(target=self._run, name="freshrec-impressions", daemon=True)
+        self._thread.start()
+
+    def log(self, slate: Slate, surface: str | None) -> None:
+        """Queue ``slate`` for logging (never blocks)."""
+        if slate.items:
+            self._queue.put((slate, int(self.clock() * 1e6), surface))
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.failed += 1
+
+    def _run(self) -> None:
+        producer = self._producer
+        topic = self.settings.topics.impressions
+        parts = self.settings.partitions
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            slate, ts_us, surface = item
+            value = orjson.dumps(impression_event(slate, ts_us, surface))
+            key = slate.user_id.encode()
+            try:
+                producer.produce(
+                    topic, value, key, partition=partition_for(slate.user_id, parts), on_delivery=self._delivered
+                )
+                self.sent += 1
+            except (BufferError, KafkaException) as exc:
+                self.dropped += 1
+                log.warning("impression not queued (%s); dropped", exc)
+            producer.poll(0)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain the queue into the producer (the owner flushes the producer)."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)

@@ -1,0 +1,86 @@
+"""Settings of one API process (pydantic-settings; environment prefix ``FRESHREC_``).
+
+The broker, partitions, topics and model fields are the same names (and the same
+environment variables) as the stream worker's :class:`streams.config.Settings`, so one
+environment configures both. Serving-only fields live under ``FRESHREC_SERVING__*``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.config import ModelSettings, Topics
+
+__all__ = ["IndexSettings", "RankSettings", "ServingOptions", "ServingSettings"]
+
+
+class IndexSettings(BaseModel):
+    """HNSW parameters (hnswlib, inner product), one index per item shard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    M: int = Field(16, ge=4, le=128)
+    ef_construction: int = Field(200, ge=10, le=2000)
+    ef: int = Field(200, ge=10, le=5000)
+    #: fetch this many HNSW candidates per shard and re-rank them exactly (0 = off)
+    rerank: int = Field(0, ge=0, le=5000)
+    #: directory of index snapshots (None = build from the replica at every start)
+    snapshot_dir: str | None = None
+    #: apply coalesced vector changes to the index at this cadence
+    apply_interval_s: float = Field(0.05, gt=0)
+    #: at most this many changes per apply round (one hnswlib update costs ~1 ms)
+    apply_max: int = Field(2000, ge=1)
+    threads: int = Field(2, ge=1, le=64)
+
+
+class RankSettings(BaseModel):
+    """Weights of the first-version blend ranker (see :class:`serving.ranking.BlendRanker`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    w_dot: float = 1.0
+    w_ctr: float = 2.0
+    w_trending: float = 0.2
+    w_recency: float = 0.1
+    #: half-life of the item-recency bonus, in hours of event time
+    recency_half_life_h: float = Field(24.0, gt=0)
+
+
+class ServingOptions(BaseModel):
+    """Serving-only knobs (``FRESHREC_SERVING__<NAME>``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    default_k: int = Field(20, ge=1)
+    max_k: int = Field(200, ge=1, le=1000)
+    #: candidates requested per source
+    ann_candidates: int = Field(200, ge=1, le=5000)
+    i2i_candidates: int = Field(50, ge=1, le=1000)
+    #: recent items used as item-to-item seeds
+    i2i_seeds: int = Field(3, ge=0, le=50)
+    trending_candidates: int = Field(100, ge=1, le=5000)
+    #: recompute the trending list at this cadence (seconds)
+    trending_interval_s: float = Field(1.0, gt=0)
+    #: log served slates to the impressions topic
+    log_impressions: bool = True
+    #: a replica is "caught up" after this long without new changelog records
+    catch_up_quiet_s: float = Field(0.5, gt=0)
+    index: IndexSettings = IndexSettings()
+    rank: RankSettings = RankSettings()
+    model_version: str = "blend-v1"
+
+
+class ServingSettings(BaseSettings):
+    """Settings of one ``freshrec serve`` process."""
+
+    model_config = SettingsConfigDict(env_prefix="FRESHREC_", env_nested_delimiter="__", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    partitions: int = Field(4, ge=1, le=1024)
+    topics: Topics = Topics()
+    model: ModelSettings = ModelSettings()
+    session_timeout_ms: int = Field(6000, ge=1000)
+    serving: ServingOptions = ServingOptions()
