@@ -1,0 +1,243 @@
+"""The offline replayer: an event log through the same pure functions as the live worker.
+
+No broker, no RocksDB: states live in dicts. Per record it does what
+:class:`streams.worker.StreamWorker` does:
+
+* ``codec.decode(value, ref_us)`` with the record timestamp as the reference time
+  of the future check (file logs have none: ``record_ts_us`` stands in, and None
+  skips the check); an :class:`~streams.errors.InvalidEvent` goes to the DLQ with
+  its reason and the original bytes;
+* ``item_upsert`` becomes a forward to the item stage directly (no user stage);
+* other events are grouped by user and applied with ``apply_user_batch``; the
+  core's duplicates are counted (not DLQ'd) and its late events go to the DLQ as
+  ``late_event`` with the re-encoded event, as live;
+* a record at or below the user's stored offset guard is skipped as redelivered;
+* forwards are applied to items with ``apply_item_batch`` in source order
+  (``position * 1024 + i``, the live numbering), and the item vectors of a batch
+  become visible to the user stage from the next batch on (live reads them from a
+  replica that lags the item stage by one batch).
+
+**Order.** Each partition is replayed in offset order, which is the arrival order
+the live worker saw; that is what makes ``late_event`` and duplicate decisions
+identical to live (a global event-time sort would silently accept events that the
+live worker rejected as late). Partitions are interleaved deterministically by a
+k-way merge on ``(event time, partition, offset)`` (a bad record takes the event
+time of the record before it in its partition). Features do not depend on that
+interleave at all (they are order-independent across keys and a user lives on one
+partition); the embeddings do, through batch boundaries, and it is fixed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from replay.readers import LogRecord
+from streams import codec
+from streams.core.state import (
+    CoreConfig,
+    Forward,
+    ItemState,
+    UserState,
+    apply_item_batch,
+    apply_user_batch,
+)
+from streams.core.vectors import ItemReplica
+from streams.errors import InvalidEvent
+from streams.events import Event, EventType
+
+__all__ = ["FirstTouch", "ReplayResult", "replay_records", "LATE_REASON", "DEFAULT_BATCH_SIZE"]
+
+#: The DLQ reason of events older than the user's newest event minus the lateness.
+LATE_REASON = "late_event"
+#: Records per replay batch: the live worker's default ``batch_size``.
+DEFAULT_BATCH_SIZE = 5000
+_SUB = 1024  # forwards per source record: position * _SUB + i, as the live worker numbers them
+
+
+class FirstTouch(NamedTuple):
+    """The first record (in replay order) that touched a key."""
+
+    #: position in the replay order (0-based)
+    seq: int
+    partition: int
+    offset: int
+    event_id: str
+
+
+@dataclass
+class ReplayResult:
+    """Final states and counters of one replay."""
+
+    users: dict[str, UserState] = field(default_factory=dict)
+    items: dict[str, ItemState] = field(default_factory=dict)
+    #: records consumed (valid or not), like the live worker's ``events`` counter
+    events: int = 0
+    #: (bytes sent to the DLQ, reason), in replay order
+    dlq: list[tuple[bytes, str]] = field(default_factory=list)
+    duplicates: int = 0
+    redelivered: int = 0
+    forwards: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    #: ("user"|"item", key) -> the first record that touched it, for "first diverging event"
+    first_touch: dict[tuple[str, str], FirstTouch] = field(default_factory=dict)
+
+    def dlq_counts(self) -> dict[str, int]:
+        """DLQ records by reason."""
+        return dict(Counter(reason for _, reason in self.dlq))
+
+    @property
+    def events_per_s(self) -> float:
+        """Replay throughput in records per second."""
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Decoded(NamedTuple):
+    ts_us: int
+    partition: int
+    offset: int
+    event: Event | None
+    record: LogRecord
+    reason: str
+
+
+def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple[list[list[_Decoded]], int]:
+    per_part: dict[int, list[_Decoded]] = defaultdict(list)
+    last_ts: dict[int, int] = {}
+    decode = codec.decode
+    n = 0
+    for rec in records:
+        n += 1
+        p = rec.partition
+        ref = rec.ts_us if rec.ts_us is not None else record_ts_us
+        try:
+            ev = decode(rec.value, ref)
+        except InvalidEvent as exc:
+            per_part[p].append(_Decoded(last_ts.get(p, -1), p, rec.offset, None, rec, exc.reason))
+            continue
+        last_ts[p] = ev.ts_us
+        per_part[p].append(_Decoded(ev.ts_us, p, rec.offset, ev, rec, ""))
+    streams = []
+    for p in sorted(per_part):
+        rows = per_part[p]
+        if any(rows[i].offset > rows[i + 1].offset for i in range(len(rows) - 1)):
+            rows.sort(key=lambda r: r.offset)  # stable: a reader that yields out of offset order
+        streams.append(rows)
+    return streams, n
+
+
+def _merge(streams: list[list[_Decoded]]) -> list[_Decoded]:
+    if len(streams) == 1:
+        return streams[0]
+    # each partition keeps its offset order; heads are compared by (event time, partition, offset)
+    return list(heapq.merge(*streams, key=lambda r: (r.ts_us, r.partition, r.offset)))
+
+
+def replay_records(
+    records: Iterable[LogRecord],
+    cfg: CoreConfig,
+    partitions: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    topic: str = "events",
+    record_ts_us: int | None = None,
+) -> ReplayResult:
+    """Replay ``records`` through the pure core and return the final states.
+
+    ``partitions`` is the shard count of the snapshot built from the result (the
+    records already carry their partitions); ``topic`` names the input in the
+    states' offset guards; ``record_ts_us`` is the reference time of the future
+    check for records without a Kafka timestamp (None skips that check).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if partitions < 1:
+        raise ValueError("partitions must be >= 1")
+    t0 = time.perf_counter()
+    res = ReplayResult()
+    streams, res.events = _decode_all(records, record_ts_us)
+    order = _merge(streams)
+    replica = ItemReplica(cfg)
+    users = res.users
+    items = res.items
+    first = res.first_touch
+    dlq = res.dlq
+    upsert = EventType.ITEM_UPSERT
+    encode = codec.encode
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        res.batches += 1
+        per_user: dict[str, list[tuple[int, Event]]] = {}
+        forwards: list[tuple[int, Forward]] = []
+        pos_of: dict[int, _Decoded] = {}
+        for k, row in enumerate(chunk):
+            ev = row.event
+            seq = start + k
+            if ev is None:
+                dlq.append((row.record.value, row.reason))
+                continue
+            if ev.type is upsert:
+                assert ev.item_id is not None
+                forwards.append(
+                    (seq * _SUB, Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, eligible=ev.eligible,
+                                         category=ev.category, bootstrap=ev.vector))
+                )  # fmt: skip
+                pos_of[seq] = row
+                continue
+            uid = ev.user_id
+            assert uid is not None
+            lst = per_user.get(uid)
+            if lst is None:
+                lst = per_user[uid] = []
+                if ("user", uid) not in first:
+                    first["user", uid] = FirstTouch(seq, row.partition, row.offset, ev.event_id)
+            lst.append((seq, ev))
+            pos_of[seq] = row
+        work: list[tuple[str, UserState | None, list[Event]]] = []
+        seqs: list[dict[str, int]] = []
+        for uid, evs in per_user.items():
+            state = users.get(uid)
+            if state is not None:
+                guard = state.offsets.get(topic, -1)
+                fresh = [(s, e) for s, e in evs if pos_of[s].offset > guard]
+                res.redelivered += len(evs) - len(fresh)
+            else:
+                fresh = evs
+            if fresh:
+                work.append((uid, state, [e for _, e in fresh]))
+                seqs.append({e.event_id: s for s, e in fresh})
+        results = apply_user_batch(work, cfg, replica)
+        for (uid, _, _), seq_of, (new, out) in zip(work, seqs, results, strict=True):
+            new.offsets[topic] = max(pos_of[s].offset for s in seq_of.values())
+            res.duplicates += len(out.duplicates)
+            for late in out.late:
+                dlq.append((encode(late), LATE_REASON))
+            sub: dict[int, int] = defaultdict(int)
+            for fw in out.forwards:
+                s = seq_of[fw.event_id]
+                forwards.append((s * _SUB + sub[s], fw))
+                sub[s] += 1
+            users[uid] = new
+        forwards.sort(key=lambda x: x[0])
+        res.forwards += len(forwards)
+        per_item: dict[str, list[Forward]] = {}
+        for fseq, fw in forwards:
+            iid = fw.item_id
+            lst2 = per_item.get(iid)
+            if lst2 is None:
+                lst2 = per_item[iid] = []
+                if ("item", iid) not in first:
+                    row = pos_of[fseq // _SUB]
+                    first["item", iid] = FirstTouch(fseq // _SUB, row.partition, row.offset, fw.event_id)
+            lst2.append(fw)
+        item_work = [(iid, items.get(iid), fws) for iid, fws in per_item.items()]
+        for (iid, _, _), new_item in zip(item_work, apply_item_batch(item_work, cfg), strict=True):
+            items[iid] = new_item
+            if new_item.vector is not None:
+                replica.put(iid, new_item.vector)
+    res.seconds = time.perf_counter() - t0
+    return res
