@@ -277,6 +277,8 @@ class VectorTolerance:
             return same, 1.0 if same else 0.0, 0.0 if same else math.inf
         if a.shape != b.shape:
             return False, 0.0, math.inf
+        if np.array_equal(a, b):
+            return True, 1.0, 0.0
         x = a.astype(np.float64)
         y = b.astype(np.float64)
         max_abs = float(np.max(np.abs(x - y))) if len(x) else 0.0
