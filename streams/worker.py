@@ -303,25 +303,27 @@ class StreamWorker:
                     log.warning("consumer error: %s", err)
                 continue
             groups[(m.topic(), m.partition())].append(m)
-        writes: list[tuple[_Shard, dict[bytes, bytes]]] = []
+        # one pending write set per shard: user shard p is fed by two topics (events and
+        # impressions), and the second group must see the first group's new states
+        writes: dict[tuple[str, int], tuple[_Shard, dict[bytes, bytes]]] = {}
         fresh_user: list[int] = []
         fresh_item: list[int] = []
         by_item = self.settings.topics.by_item
         for (topic, partition), batch in groups.items():
-            if topic == by_item:
-                shard = self._shard("item", partition)
-                writes.append((shard, self._item_batch(shard, topic, batch)))
+            stage = "item" if topic == by_item else "user"
+            shard, pending = writes.setdefault((stage, partition), (self._shard(stage, partition), {}))
+            if stage == "item":
+                pending.update(self._item_batch(shard, topic, batch, pending))
                 fresh_item.extend(m.timestamp()[1] for m in batch)
             else:
-                shard = self._shard("user", partition)
-                writes.append((shard, self._user_batch(shard, topic, batch)))
+                pending.update(self._user_batch(shard, topic, batch, pending))
                 fresh_user.extend(m.timestamp()[1] for m in batch)
         # forwards, changelogs and DLQ records must be durable before the states commit
         remaining = self._producer.flush(30)
         if remaining:
             raise RuntimeError(f"{remaining} records not delivered to the broker; not committing the batch")
         sync = self.settings.sync_writes
-        for shard, puts in writes:
+        for shard, puts in writes.values():
             shard.store.write(puts, sync=sync)
         now_ms = self.clock() * 1000.0
         self._sample(self.stats.user_fresh_ms, fresh_user, now_ms)
@@ -374,7 +376,18 @@ class StreamWorker:
             p = self._item_part[item_id] = partition_for(item_id, self.settings.partitions)
         return p
 
-    def _user_batch(self, shard: _Shard, topic: str, batch: list[Message]) -> dict[bytes, bytes]:
+    @staticmethod
+    def _fetch(shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes]) -> list[bytes | None]:
+        """States of ``keys``: this batch's not-yet-written values first, then the store."""
+        if not pending:
+            return shard.store.multi_get(keys)
+        missing = [k for k in keys if k not in pending]
+        stored = dict(zip(missing, shard.store.multi_get(missing), strict=True))
+        return [pending[k] if k in pending else stored[k] for k in keys]
+
+    def _user_batch(
+        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
+    ) -> dict[bytes, bytes]:
         src = self._src_id[topic] * 65536 + shard.partition  # one sequence per source partition
         per_user: dict[str, list[tuple[int, Event]]] = defaultdict(list)
         forwards: list[tuple[int, Forward, int]] = []  # (seq, forward, record ts)
@@ -399,7 +412,7 @@ class StreamWorker:
             per_user[ev.user_id].append((off, ev))
         self.stats.events += len(batch)
         users = list(per_user)
-        raw = shard.store.multi_get([STATE_PREFIX + u.encode() for u in users])
+        raw = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending)
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.user_changelog
         work: list[tuple[str, UserState | None, list[Event]]] = []
@@ -459,7 +472,9 @@ class StreamWorker:
             except BufferError:
                 self._producer.poll(0.01)
 
-    def _item_batch(self, shard: _Shard, topic: str, batch: list[Message]) -> dict[bytes, bytes]:
+    def _item_batch(
+        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
+    ) -> dict[bytes, bytes]:
         per_item: dict[str, list[tuple[int, Forward]]] = defaultdict(list)
         self.stats.item_records += len(batch)
         hwm = shard.src_hwm
@@ -473,7 +488,7 @@ class StreamWorker:
             touched_src.add(src)
             per_item[fw.item_id].append((m.offset(), fw))
         items = list(per_item)
-        raw = shard.store.multi_get([STATE_PREFIX + i.encode() for i in items])
+        raw = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending)
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
         work: list[tuple[str, ItemState | None, list[Forward]]] = []
