@@ -5,8 +5,6 @@ The lifespan starts a :class:`Runtime`: changelog replica thread, index-apply th
 impression logger, metrics.
 """
 
-from __future__ import annotations
-
 import logging
 import re
 import threading
@@ -138,8 +136,8 @@ class Runtime:
         self.index: ShardedIndex | None = None
         snap = Path(ix.snapshot_dir) if ix.snapshot_dir else None
         if snap is not None and (snap / "manifest.json").exists():
-            self.index, wm = ShardedIndex.load(snap)
-            watermark = {int(p): int(o) for p, o in wm.get("item_offsets", {}).items()}
+            self.index = ShardedIndex.load(snap, ef=ix.ef, rerank=ix.rerank)
+            watermark = dict(self.index.watermark)
             log.info("index snapshot loaded: %d items, watermark %s", self.index.size, watermark)
         if self.index is None:
             self.index = ShardedIndex(params, settings.partitions)
@@ -201,7 +199,7 @@ class Runtime:
             pass
         topic = self.settings.topics.item_changelog
         offsets = {p: self.state.positions.get((topic, p), 0) for p in range(self.settings.partitions)}
-        self.index.save(path, {"item_offsets": offsets})
+        self.index.save(path, offsets)
         log.info("index snapshot saved to %s (%d items)", path, self.index.size)
 
     def refresh_metrics(self) -> bytes:

@@ -1,0 +1,172 @@
+"""The API against a real uvicorn server on 127.0.0.1 and the real broker (no worker needed)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from serving.settings import ServingSettings
+from streams.core import serde
+from streams.core.partition import partition_for
+from streams.core.state import B60_US, ItemState
+from tests.serving.conftest import Api
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_795_000_000 * 1_000_000  # an event time in 2026, on an hour boundary
+T0 -= T0 % B60_US
+
+
+def _wait_ready(api: Api, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with api.client() as c:
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "API never became ready"
+            time.sleep(0.05)
+
+
+def _publish_items(settings: ServingSettings, items: dict[str, tuple[int, bool, str]]) -> None:
+    """Write item states straight to the item changelog, as the worker would (id -> positives, eligible, cat)."""
+    p = Producer({"bootstrap.servers": settings.bootstrap_servers, "log_level": 3})
+    rng = np.random.default_rng(7)
+    for item_id, (positives, eligible, category) in items.items():
+        state = ItemState(
+            b60={T0 // B60_US: [0, 0, positives]},
+            max_ts=T0 + B60_US - 1,
+            eligible=eligible,
+            category=category,
+            vector=rng.standard_normal(settings.model.dim).astype(np.float32),
+            version=1,
+        )
+        part = partition_for(item_id, settings.partitions)
+        p.produce(settings.topics.item_changelog, serde.encode_item(state), item_id.encode(), partition=part)
+    assert p.flush(10) == 0
+
+
+def _wait_items(api: Api, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    rt = api.runtime
+    while not (rt.index.size >= n and len(rt.catalog.trending_ids) >= min(n, 1)):
+        assert time.monotonic() < deadline, f"index has {rt.index.size} of {n} items"
+        time.sleep(0.05)
+
+
+def test_health_readiness_and_metrics(api: Api) -> None:
+    with api.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        _wait_ready(api)
+        ready = c.get("/readyz").json()
+        assert ready["status"] == "ready"
+        assert ready["state"]["caught_up"] is True
+        c.get("/v1/recommendations", params={"user_id": "someone"})
+        text = c.get("/metrics").text
+    for name in (
+        "freshrec_request_seconds_bucket",
+        "freshrec_candidates_total",
+        "freshrec_replica_age_seconds",
+        "freshrec_index_items",
+        "freshrec_index_pending",
+    ):
+        assert name in text, name
+    assert 'freshrec_requests_total{outcome="fallback"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"user_id": "u1", "k": "0"}, "k"),
+        ({"user_id": "u1", "k": "100000"}, "k"),
+        ({"user_id": "u1", "k": "ten"}, "k"),
+        ({"k": "5"}, "user_id"),
+        ({"user_id": "bad id!"}, "user_id"),
+        ({"user_id": "x" * 300}, "user_id"),
+        ({"user_id": "u1", "item_id": "no/slash"}, "item_id"),
+        ({"user_id": "u1", "exclude": "ok,not ok"}, "exclude"),
+    ],
+)
+def test_bad_parameters_get_a_422_with_a_message(api: Api, params: dict[str, str], field: str) -> None:
+    with api.client() as c:
+        r = c.get("/v1/recommendations", params=params)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "invalid_request"
+    assert field in body["message"]
+
+
+def test_unknown_user_gets_trending_fallback_flagged_with_provenance(api: Api) -> None:
+    # positives decide the trending order: hot > warm > cool; "gone" is ineligible, "other" is another category
+    _publish_items(
+        api.settings,
+        {
+            "hot": (50, True, "a"),
+            "warm": (20, True, "a"),
+            "cool": (5, True, "a"),
+            "gone": (99, False, "a"),
+            "other": (30, True, "b"),
+        },  # fmt: skip
+    )
+    _wait_items(api, 4)
+    _wait_ready(api)
+    with api.client() as c:
+        body = c.get("/v1/recommendations", params={"user_id": "stranger", "k": 3, "category": "a"}).json()
+        everything = c.get("/v1/recommendations", params={"user_id": "stranger", "k": 10}).json()
+        excluded = c.get("/v1/recommendations", params={"user_id": "stranger", "k": 10, "exclude": "hot,other"}).json()
+    assert body["fallback"] is True
+    assert body["fallback_reason"] == "unknown_user"
+    assert [it["item_id"] for it in body["items"]] == ["hot", "warm", "cool"]
+    assert {it["source"] for it in body["items"]} == {"trending"}
+    assert [it["position"] for it in body["items"]] == [0, 1, 2]
+    assert body["items"][0]["score"] > body["items"][1]["score"] > body["items"][2]["score"]
+    assert "gone" not in {it["item_id"] for it in everything["items"]}
+    assert {it["item_id"] for it in everything["items"]} == {"hot", "warm", "cool", "other"}
+    assert {it["item_id"] for it in excluded["items"]} == {"warm", "cool"}
+    prov = body["provenance"]
+    assert prov["model_version"] == "blend-v1"
+    assert prov["index"]["size"] == 4  # the ineligible item is not indexed
+    assert prov["index"]["version"] >= 1
+    assert prov["state"]["event_watermark_us"] == T0 + B60_US - 1
+    assert prov["state"]["caught_up"] is True
+    assert prov["state"]["broker_connected"] is True
+    assert body["user_state"] == {"version": None, "last_event_us": None}
+
+
+def test_an_internal_error_is_a_500_with_an_error_id_and_no_details(api: Api) -> None:
+    def boom(_req: object) -> None:
+        raise RuntimeError("secret internals")
+
+    api.runtime.recommender.recommend = boom  # type: ignore[method-assign,assignment]
+    with api.client() as c:
+        r = c.get("/v1/recommendations", params={"user_id": "u1"})
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal"
+    assert len(body["error_id"]) == 32
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_post_event_validates_then_produces(api: Api) -> None:
+    good = {"event_id": "e1", "type": "click", "user_id": "u9", "item_id": "i1",
+            "event_time": "2026-11-22T10:00:00Z", "schema_version": 1}  # fmt: skip
+    with api.client() as c:
+        bad_json = c.post("/v1/events", content=b"{nope")
+        missing = c.post("/v1/events", content=orjson.dumps({**good, "item_id": None}))
+        ok = c.post("/v1/events", content=orjson.dumps(good))
+    assert bad_json.status_code == 422 and bad_json.json()["error"] == "bad_json"
+    assert missing.status_code == 422 and missing.json()["error"] == "missing_field"
+    assert ok.status_code == 202
+    assert ok.json() == {"event_id": "e1", "topic": api.settings.topics.events,
+                         "partition": partition_for("u9", api.settings.partitions)}  # fmt: skip
+
+
+def test_openapi_documents_the_versioned_route(api: Api) -> None:
+    with api.client() as c:
+        spec = c.get("/openapi.json").json()
+    route = spec["paths"]["/v1/recommendations"]["get"]
+    names = {p["name"] for p in route["parameters"]}
+    assert {"user_id", "k", "item_id", "surface", "exclude", "category"} <= names
+    k = next(p for p in route["parameters"] if p["name"] == "k")
+    assert k["schema"]["minimum"] == 1 and k["schema"]["maximum"] == 200
