@@ -113,6 +113,8 @@ class EvalResult:
     als_backend: str = ""
     #: per-query values, model -> metric -> array (for paired comparisons)
     per_query: dict[str, dict[str, npt.NDArray[np.float64]]] = field(default_factory=dict)
+    #: the user of each query, aligned with the ``per_query`` arrays
+    query_users: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- split
@@ -439,6 +441,7 @@ def evaluate(
                 vals["recall"].append(recall_at_k(ranked, remaining, cfg.k))
                 vals["ndcg"].append(ndcg_at_k(ranked, remaining, cfg.k))
             result.queries += 1
+            result.query_users.append(uid)
         # now the event happens: the learner learns it, popularity counts it, the filter sees it
         if learner is not None:
             learner.learn([ev])
