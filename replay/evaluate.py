@@ -60,10 +60,11 @@ __all__ = [
     "evaluate",
 ]
 
-#: The learner's hyperparameters for evaluation (chosen on a validation split carved from the
-#: MovieLens-100k training period; see docs/REPLAY.md). ``max_rounds`` is raised so that a
-#: user's burst of ratings inside one mini-batch takes sequential steps.
-DEFAULT_CORE = CoreConfig(dim=64, lr=0.05, reg=0.002, negatives=4, max_rounds=4)
+#: The learner's hyperparameters for evaluation, chosen on a validation split carved from the
+#: MovieLens-100k training period (train on its first 80% by time, score its last 20%; the test
+#: period is never looked at): lr 0.05 -> 0.2 was the one change that mattered (0.047 -> 0.060
+#: validation recall@10 with 3 epochs); 8 negatives edged 4; dim 32 and reg 0.01 were worse.
+DEFAULT_CORE = CoreConfig(dim=64, lr=0.2, reg=0.002, negatives=8, max_rounds=4)
 
 Scores = npt.NDArray[np.float32]
 

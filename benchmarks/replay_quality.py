@@ -1,0 +1,172 @@
+"""Offline quality benchmark: freshrec's online learner vs a static ALS model and popularity.
+
+    python benchmarks/replay_quality.py --ratings PATH/ratings.csv [--k 10] [--seed 0] [--validate]
+
+MovieLens-format ratings (``user_id,movie_id,rating,timestamp`` or ``userId,movieId,...``);
+each rating is a click at its timestamp. Never commit the data (GroupLens terms).
+
+1. **Quality** (:func:`replay.evaluate.evaluate`, protocol in docs/REPLAY.md): global time split
+   at the 80% quantile; the online learner replays the training period (3 epochs) and then keeps
+   learning through the test period, scored prequentially before each event; ALS (implicit,
+   64 factors) is trained once at the split and never updated; popularity counts are updated
+   with each test event. recall@k is against the user's remaining test items; hit-rate@k is the
+   next item. 95% bootstrap CIs over the test queries (1000 resamples).
+2. **Replay throughput**: the replayer (:func:`replay.replayer.replay_records`, one process,
+   one core) over the whole ratings log, decode included.
+3. **Parity**: :func:`replay.parity.check_parity` on the committed golden log
+   ``tests/replay/golden/events.jsonl`` against a fresh embedded broker (live worker vs replay).
+
+``--validate`` runs the protocol on the training period only (its first 80% trains, its last
+20% scores): the split the hyperparameters in :data:`replay.evaluate.DEFAULT_CORE` were chosen on.
+
+Last line:
+``quality: events=... freshrec_recall_at_10=... als_recall_at_10=... popularity_recall_at_10=... ratio_vs_als=...
+replay_events_per_s=... parity=ok|FAIL|unavailable`` (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GOLDEN = ROOT / "tests" / "replay" / "golden" / "events.jsonl"
+
+
+def _quality(path: Path, args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+    from replay.evaluate import EvalConfig, evaluate, split_events, split_time
+    from replay.training import read_events
+
+    t0 = time.perf_counter()
+    read = read_events(path)
+    events = read.events
+    print(f"read {len(events)} events ({read.skipped} skipped) in {time.perf_counter() - t0:.1f} s", flush=True)
+    cfg = EvalConfig(k=args.k, bootstrap=args.bootstrap, seed=args.seed, als_backend=args.als_backend)
+    if args.validate:
+        train, _ = split_events(events, split_time(events, cfg.split_quantile))
+        print(f"validation: only the {len(train)} training events; the test period is not read", flush=True)
+        events = train
+
+    t0 = time.perf_counter()
+    res = evaluate(events, cfg, progress=lambda msg: print(f"  [{time.perf_counter() - t0:6.1f} s] {msg}", flush=True))
+    core = cfg.core
+    print(
+        f"split at {res.split_us} us: train {res.train_events}, test {res.test_events}, queries {res.queries}; "
+        f"learner dim={core.dim} lr={core.lr} reg={core.reg} negatives={core.negatives} epochs={cfg.epochs} "
+        f"batch={cfg.batch_events}; ALS backend={res.als_backend} factors={cfg.als_factors} "
+        f"reg={cfg.als_regularization} alpha={cfg.als_alpha} iterations={cfg.als_iterations}; "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    print(f"{'model':<18} {'recall@' + str(cfg.k):<28} {'hit_rate@' + str(cfg.k):<28} {'ndcg@' + str(cfg.k):<28}")
+    for m in res.models.values():
+        print(f"{m.name:<18} {m.recall!s:<28} {m.hit_rate!s:<28} {m.ndcg!s:<28}")
+    # paired bootstrap of the freshrec/ALS recall ratio over the same queries
+    import numpy as np
+
+    a = res.per_query["freshrec"]["recall"]
+    b = res.per_query["als"]["recall"]
+    rng = np.random.default_rng(args.seed)
+    idx = rng.integers(0, len(a), size=(args.bootstrap or 1, len(a)))
+    ratios = a[idx].mean(axis=1) / np.maximum(b[idx].mean(axis=1), 1e-12)
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
+    print(f"ratio freshrec/ALS recall: {a.mean() / b.mean():.3f} [{lo:.3f}, {hi:.3f}] (paired bootstrap)")
+    return len(read.events), {name: m.recall.mean for name, m in res.models.items()}
+
+
+def _replay_throughput(path: Path) -> float:
+    from replay.readers import open_log
+    from replay.replayer import replay_records
+    from streams.config import Settings
+
+    settings = Settings()
+    cfg = settings.model.core()
+    records = list(open_log(path, "movielens", settings.partitions))  # read first: time the replay itself
+    res = replay_records(records, cfg, settings.partitions, batch_size=settings.batch_size)
+    print(
+        f"replay: {res.events} records in {res.seconds:.2f} s ({res.events_per_s:.0f} events/s, "
+        f"cpu {res.cpu_seconds:.2f} s), {len(res.users)} users, {len(res.items)} items",
+        flush=True,
+    )
+    return res.events_per_s
+
+
+def _parity() -> str:
+    try:
+        from replay.parity import check_parity
+    except ImportError as exc:
+        print(f"parity: unavailable ({exc})", flush=True)
+        return "unavailable"
+    if not GOLDEN.is_file():
+        print(f"parity: unavailable (no golden log at {GOLDEN})", flush=True)
+        return "unavailable"
+    from streams.broker import EmbeddedBroker, free_port
+    from streams.config import Settings, Topics
+
+    with tempfile.TemporaryDirectory(prefix="freshrec-quality-") as tmp:
+        tag = uuid.uuid4().hex[:8]
+        with EmbeddedBroker(port=free_port(), log_path=str(Path(tmp) / "tansu.log")) as broker:
+            settings = Settings(
+                bootstrap_servers=broker.bootstrap,
+                partitions=3,
+                data_dir=str(Path(tmp) / "data"),
+                group_id=f"quality-{tag}",
+                topics=Topics(
+                    events=f"events-{tag}",
+                    impressions=f"impressions-{tag}",
+                    by_item=f"by-item-{tag}",
+                    dlq=f"dlq-{tag}",
+                    user_changelog=f"user-cl-{tag}",
+                    item_changelog=f"item-cl-{tag}",
+                    meta=f"meta-{tag}",
+                ),
+            )
+            t0 = time.perf_counter()
+            report = check_parity(GOLDEN, settings, timeout_s=120)
+    verdict = "ok" if report.ok else "FAIL"
+    print(
+        f"parity: {verdict} on {report.records} golden records in {time.perf_counter() - t0:.1f} s "
+        f"(checksums equal: {report.verify.checksums_equal}; dlq live {report.live_dlq} replay {report.replay_dlq})",
+        flush=True,
+    )
+    return verdict
+
+
+def main() -> int:
+    """Run the benchmark; the last line is the machine-readable summary."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratings", required=True, type=Path, help="MovieLens ratings CSV")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--als-backend", dest="als_backend", choices=("auto", "implicit", "numpy"), default="implicit")
+    ap.add_argument("--validate", action="store_true", help="score a split of the training period only")
+    ap.add_argument("--skip-parity", action="store_true", help="print parity=skipped instead of starting a broker")
+    args = ap.parse_args()
+    if not args.ratings.is_file():
+        print(f"error: {args.ratings}: no such file", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    n, recall = _quality(args.ratings, args)
+    eps = _replay_throughput(args.ratings)
+    parity = "skipped" if args.skip_parity else _parity()
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+    k = args.k
+    ratio = recall["freshrec"] / recall["als"] if recall["als"] > 0 else float("inf")
+    print(
+        f"quality: events={n} freshrec_recall_at_{k}={recall['freshrec']:.4f} als_recall_at_{k}={recall['als']:.4f} "
+        f"popularity_recall_at_{k}={recall['popularity']:.4f} ratio_vs_als={ratio:.3f} "
+        f"replay_events_per_s={eps:.0f} parity={parity}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
