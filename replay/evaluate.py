@@ -143,6 +143,12 @@ def _is_positive(ev: Event) -> bool:
     return ev.type in POSITIVE_WEIGHTS and ev.item_id is not None and ev.user_id is not None
 
 
+def _user_item(ev: Event) -> tuple[str, str]:
+    """(user id, item id) of a positive event (both present: see :func:`_is_positive`)."""
+    assert ev.user_id is not None and ev.item_id is not None
+    return ev.user_id, ev.item_id
+
+
 # --------------------------------------------------------------------------- learner
 
 
@@ -160,6 +166,10 @@ class _Replica(ItemReplica):
         super().put(item_id, vector)
         if len(self) > before:
             self._global.append(self._item_index[item_id])
+
+    def knows(self, item_id: str) -> bool:
+        """Whether ``item_id`` is in the catalog being scored (items only ever upserted are not)."""
+        return item_id in self._item_index
 
     def scores(self, user_vector: npt.NDArray[np.float32], n_items: int) -> Scores:
         """``user_vector`` · every known item vector, laid out by catalog index (-inf if unknown)."""
@@ -198,19 +208,18 @@ class OnlineLearner:
         by_item: dict[str, list[Forward]] = defaultdict(list)
         for ev in upserts:
             assert ev.item_id is not None  # the codec requires it for item_upsert
-            boot = ev.vector if ev.vector is not None else None
             by_item[ev.item_id].append(
-                Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, boot)
+                Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector)
             )
-        for (uid, _, _), (state, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
-            self.users[uid] = state
+        for (uid, _, _), (ustate, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
+            self.users[uid] = ustate
             for fw in out.forwards:
                 by_item[fw.item_id].append(fw)
         item_batch = [(iid, self.items.get(iid), fws) for iid, fws in by_item.items()]
-        for (iid, _, _), state in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
-            self.items[iid] = state
-            if state.vector is not None and iid in self.replica._item_index:
-                self.replica.put(iid, state.vector)
+        for (iid, _, _), istate in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
+            self.items[iid] = istate
+            if istate.vector is not None and self.replica.knows(iid):
+                self.replica.put(iid, istate.vector)
 
     def new_epoch(self) -> None:
         """Keep the learned vectors, drop feature state (so re-applied events are not duplicates)."""
@@ -284,7 +293,7 @@ def train_als(
     cfg: EvalConfig,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], str]:
     """Fit implicit ALS on (user index, item index) interactions: (user factors, item factors, backend)."""
-    from scipy.sparse import csr_matrix
+    from scipy.sparse import csr_matrix  # type: ignore[import-untyped]  # bench extra, no stubs
 
     rows = np.fromiter((u for u, _ in pairs), dtype=np.int64, count=len(pairs))
     cols = np.fromiter((i for _, i in pairs), dtype=np.int64, count=len(pairs))
@@ -307,7 +316,7 @@ def train_als(
     if backend != "implicit":
         raise ValueError(f"unknown ALS backend {backend!r} (implicit, numpy or auto)")
     from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     with threadpool_limits(1, "blas"):  # implicit warns (and slows down) with a threaded BLAS
         model = AlternatingLeastSquares(
@@ -355,7 +364,7 @@ def evaluate(
     say = progress or (lambda msg: None)
     core = replace(cfg.core, seed=cfg.seed)
 
-    item_ids = sorted({ev.item_id for ev in events if _is_positive(ev)})  # type: ignore[type-var]
+    item_ids = sorted({_user_item(ev)[1] for ev in events if _is_positive(ev)})
     item_index = {iid: n for n, iid in enumerate(item_ids)}
     n_items = len(item_ids)
 
@@ -364,9 +373,9 @@ def evaluate(
     train_pos = [ev for ev in train if _is_positive(ev)]
     pop_counts = np.zeros(n_items, dtype=np.float64)
     for ev in train_pos:
-        idx = item_index[ev.item_id]  # type: ignore[index]
-        seen[ev.user_id].add(idx)  # type: ignore[index]
-        pop_counts[idx] += 1.0
+        u, i = _user_item(ev)
+        seen[u].add(item_index[i])
+        pop_counts[item_index[i]] += 1.0
     static_pop = pop_counts.astype(np.float32)
     static_pop = np.where(static_pop > 0, static_pop, -np.inf).astype(np.float32)
 
@@ -380,9 +389,9 @@ def evaluate(
     als_users: dict[str, int] = {}
     als_scores: Callable[[str], Scores] | None = None
     if "als" in cfg.models:
-        users = sorted({ev.user_id for ev in train_pos})  # type: ignore[type-var]
+        users = sorted({_user_item(ev)[0] for ev in train_pos})
         als_users = {u: n for n, u in enumerate(users)}
-        pairs = [(als_users[ev.user_id], item_index[ev.item_id]) for ev in train_pos]  # type: ignore[index]
+        pairs = [(als_users[u], item_index[i]) for u, i in map(_user_item, train_pos)]
         say(f"training ALS ({cfg.als_factors} factors) on {len(pairs)} interactions")
         X, Y, result.als_backend = train_als(pairs, len(users), n_items, cfg)
         trained = np.zeros(n_items, dtype=bool)
@@ -392,7 +401,7 @@ def evaluate(
             row = als_users.get(uid)
             if row is None:
                 return static_pop  # unknown at the split: the static model can only fall back
-            s = (Y @ X[row]).astype(np.float32)
+            s: Scores = (Y @ X[row]).astype(np.float32)
             s[~trained] = -np.inf
             return s
 
@@ -404,7 +413,8 @@ def evaluate(
     test_items: dict[str, list[int]] = defaultdict(list)
     for ev in test:
         if _is_positive(ev):
-            test_items[ev.user_id].append(item_index[ev.item_id])  # type: ignore[index]
+            u, i = _user_item(ev)
+            test_items[u].append(item_index[i])
     position: dict[str, int] = defaultdict(int)
 
     values: dict[str, dict[str, list[float]]] = {m: {"hit_rate": [], "recall": [], "ndcg": []} for m in cfg.models}
@@ -414,8 +424,8 @@ def evaluate(
             if learner is not None:
                 learner.learn([ev])
             continue
-        uid: str = ev.user_id  # type: ignore[assignment]
-        target = item_index[ev.item_id]  # type: ignore[index]
+        uid, iid = _user_item(ev)
+        target = item_index[iid]
         pos = position[uid]
         position[uid] = pos + 1
         user_seen = seen[uid]

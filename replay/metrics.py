@@ -14,7 +14,7 @@ queries; :func:`bootstrap_ci` resamples the per-query values to give a percentil
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +35,13 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-def hit_rate_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float:
+def hit_rate_at_k(ranked: Sequence[Hashable], relevant: Collection[Hashable], k: int) -> float:
     """1.0 if one of the first ``k`` of ``ranked`` is relevant, else 0.0 (0.0 when nothing is relevant)."""
     _check_k(k)
     return 1.0 if any(item in relevant for item in ranked[:k]) else 0.0
 
 
-def recall_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float:
+def recall_at_k(ranked: Sequence[Hashable], relevant: Collection[Hashable], k: int) -> float:
     """Share of the relevant items found in the first ``k`` of ``ranked`` (0.0 when nothing is relevant)."""
     _check_k(k)
     if not relevant:
@@ -50,13 +50,13 @@ def recall_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> flo
     return hits / len(relevant)
 
 
-def ndcg_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float:
+def ndcg_at_k(ranked: Sequence[Hashable], relevant: Collection[Hashable], k: int) -> float:
     """Binary-relevance NDCG@k: sum of ``1/log2(rank+1)`` over hits, over the ideal DCG of min(|relevant|, k)."""
     _check_k(k)
     if not relevant:
         return 0.0
     rel = set(relevant)
-    seen: set[str] = set()
+    seen: set[Hashable] = set()
     dcg = 0.0
     for rank, item in enumerate(ranked[:k], start=1):
         if item in rel and item not in seen:  # a duplicate in the list earns nothing twice

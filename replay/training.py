@@ -263,19 +263,21 @@ class _States:
                 by_user[ev.user_id].append(ev)
             elif ev.item_id is not None:  # item_upsert
                 by_item[ev.item_id].append(
-                    Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category)
+                    Forward(
+                        ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector
+                    )
                 )
         batch = [(uid, self.users.get(uid), evs) for uid, evs in by_user.items()]
-        for (uid, _, _), (state, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
-            self.users[uid] = state
+        for (uid, _, _), (ustate, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
+            self.users[uid] = ustate
             for fw in out.forwards:
                 by_item[fw.item_id].append(fw)
         item_batch = [(iid, self.items.get(iid), fws) for iid, fws in by_item.items()]
-        for (iid, _, fws), state in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
-            self.items[iid] = state
+        for (iid, _, fws), istate in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
+            self.items[iid] = istate
             self.item_ts[iid] = max(self.item_ts.get(iid, fws[0].ts_us), *(fw.ts_us for fw in fws))
-            if state.vector is not None:
-                self.replica.put(iid, state.vector)
+            if istate.vector is not None:
+                self.replica.put(iid, istate.vector)
 
 
 def _user_row(states: _States, user_id: str) -> dict[str, Any]:
