@@ -189,7 +189,7 @@ class Runtime:
         if self._applier is not None:
             self._applier.join(10.0)
         ix = self.settings.serving.index
-        if ix.snapshot_dir and self.index is not None:
+        if ix.snapshot_dir and ix.save_on_exit and self.index is not None:
             self.save_snapshot(Path(ix.snapshot_dir))
 
     def save_snapshot(self, path: Path) -> None:

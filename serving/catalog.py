@@ -31,6 +31,8 @@ class ItemCatalog:
 
     def __init__(self, cfg: CoreConfig, capacity: int = 1024) -> None:
         self.cfg = cfg
+        #: item vectors by row (zeros when the item has none): one matrix product scores all candidates
+        self.vectors = np.zeros((capacity, cfg.dim), dtype=np.float32)
         self._rows: dict[str, int] = {}
         self._ids: list[str] = []
         self.category: list[str | None] = []
@@ -57,9 +59,9 @@ class ItemCatalog:
 
     def _grow(self) -> None:
         n = len(self.eligible) * 2
-        for name in ("eligible", "ctr", "popularity", "trending", "last_ts"):
+        for name in ("eligible", "ctr", "popularity", "trending", "last_ts", "vectors"):
             old = getattr(self, name)
-            new = np.zeros(n, dtype=old.dtype)
+            new = np.zeros((n, *old.shape[1:]), dtype=old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
 
@@ -79,6 +81,10 @@ class ItemCatalog:
             self.eligible[r] = state.eligible
             self.category[r] = state.category
             self.last_ts[r] = now
+            if state.vector is not None and len(state.vector) == self.cfg.dim:
+                self.vectors[r] = state.vector
+            else:
+                self.vectors[r] = 0.0
             if feats is not None:
                 self.ctr[r] = feats["ctr_24h"]
                 self.popularity[r] = feats["popularity"]

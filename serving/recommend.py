@@ -30,7 +30,7 @@ from serving.catalog import ItemCatalog
 from serving.ranking import CandidateSet, RankContext, Ranker
 from serving.replica import LiveState
 from serving.settings import ServingOptions
-from streams.core.state import UserState, Vec
+from streams.core.state import UserState
 
 __all__ = ["ItemIndex", "Request", "Slate", "SlateItem", "Recommender", "SOURCES"]
 
@@ -55,11 +55,10 @@ class ItemIndex(Protocol):
     def oldest_pending_age_s(self) -> float:
         """Age of the oldest staged change (0 when none)."""
 
-    def search(self, vector: Vec, k: int, exclude: set[str] | None = None) -> list[tuple[str, float]]:
-        """Top-``k`` (item id, inner product), best first."""
-
-    def item_vector(self, item_id: str) -> Vec | None:
-        """The indexed vector of ``item_id``."""
+    def search_many(
+        self, vectors: npt.NDArray[np.float32], k: int, exclude: set[str] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Top-``k`` (item id, inner product) per query row, best first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,17 +146,25 @@ class Recommender:
                     sources.append(source)
 
         uvec = user.vector if user is not None else None
-        if uvec is not None:
-            take([i for i, _ in self.index.search(uvec, opts.ann_candidates, blocked)], "ann")
-        for seed in self._seeds(req, user):
-            svec = self.index.item_vector(seed)
-            if svec is not None:
-                take([i for i, _ in self.index.search(svec, opts.i2i_candidates, blocked | {seed})], "i2i")
-        take(self.catalog.trending_ids[: opts.trending_candidates + len(blocked)], "trending")
+        # one scatter-gather for the user vector and every item-to-item seed (one hnswlib call per shard)
+        seeds = self._seeds(req, user)
+        cat = self.catalog
+        seed_rows = [r for r in (cat.row(sd) for sd in seeds) if r >= 0]
+        queries = ([uvec] if uvec is not None else []) + [cat.vectors[r] for r in seed_rows]
+        if queries:
+            n = max(opts.ann_candidates if uvec is not None else 0, opts.i2i_candidates if seed_rows else 0)
+            found = self.index.search_many(np.stack(queries), n, blocked | set(seeds))
+            if uvec is not None:
+                take([i for i, _ in found[0][: opts.ann_candidates]], "ann")
+                found = found[1:]
+            for row in found:
+                take([i for i, _ in row[: opts.i2i_candidates]], "i2i")
+        take(cat.trending_ids[: opts.trending_candidates + len(blocked)], "trending")
 
         cands = self._filter(ids, sources, req)
         if uvec is not None and len(cands):
-            cands.dots = self._dots(uvec, cands.ids)
+            known = cands.rows >= 0
+            cands.dots = np.where(known, cat.vectors[np.where(known, cands.rows, 0)] @ uvec, 0.0).astype(np.float32)
         now_us = self._now_us()
         ctx = RankContext(req.user_id, uvec is not None, now_us, req.surface, req.item_id)
         scores = self.ranker.score(ctx, cands) if len(cands) else np.zeros(0, dtype=np.float32)
@@ -206,15 +213,6 @@ class Recommender:
             dots=np.zeros(len(idx), dtype=np.float32),
             rows=rows[idx],
         )
-
-    def _dots(self, uvec: Vec, ids: list[str]) -> npt.NDArray[np.float32]:
-        out = np.zeros(len(ids), dtype=np.float32)
-        vec = self.index.item_vector
-        for j, item in enumerate(ids):
-            v = vec(item)
-            if v is not None:
-                out[j] = float(np.dot(uvec, v))
-        return out
 
     def provenance(self) -> dict[str, Any]:
         """State watermark, index version/staleness and model version of a response."""

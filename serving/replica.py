@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from serving.catalog import ItemCatalog
@@ -213,11 +214,21 @@ class LiveState:
 
     def _apply_item(self, item_id: str, value: bytes, partition: int, offset: int) -> None:
         state = serde.decode_item(value)
-        self.catalog.update(item_id, state)
+        cat = self.catalog
+        row = cat.row(item_id)
+        # most item updates (impressions, clicks without a vector step) leave the vector and the
+        # eligibility as they were: only real changes may cost an index update (~1 ms each)
+        changed = (
+            row < 0
+            or bool(cat.eligible[row]) != state.eligible
+            or state.vector is None
+            or not np.array_equal(cat.vectors[row], state.vector)
+        )
+        cat.update(item_id, state)
         if state.max_ts > self.event_watermark_us:
             self.event_watermark_us = state.max_ts
-        if offset < self.index_watermark.get(partition, 0):
-            return  # already in the loaded index snapshot
+        if not changed or offset < self.index_watermark.get(partition, 0):
+            return  # unchanged, or already in the loaded index snapshot
         if state.vector is None or not state.eligible:
             self.sink.remove(item_id)
         else:

@@ -27,6 +27,8 @@ class IndexSettings(BaseModel):
     rerank: int = Field(0, ge=0, le=5000)
     #: directory of index snapshots (None = build from the replica at every start)
     snapshot_dir: str | None = None
+    #: write a snapshot to ``snapshot_dir`` at shutdown
+    save_on_exit: bool = True
     #: apply coalesced vector changes to the index at this cadence
     apply_interval_s: float = Field(0.05, gt=0)
     #: at most this many changes per apply round (one hnswlib update costs ~1 ms)
@@ -57,10 +59,10 @@ class ServingOptions(BaseModel):
     default_k: int = Field(20, ge=1)
     max_k: int = Field(200, ge=1, le=1000)
     #: candidates requested per source
-    ann_candidates: int = Field(200, ge=1, le=5000)
+    ann_candidates: int = Field(100, ge=1, le=5000)
     i2i_candidates: int = Field(50, ge=1, le=1000)
     #: recent items used as item-to-item seeds
-    i2i_seeds: int = Field(3, ge=0, le=50)
+    i2i_seeds: int = Field(2, ge=0, le=50)
     trending_candidates: int = Field(100, ge=1, le=5000)
     #: recompute the trending list at this cadence (seconds)
     trending_interval_s: float = Field(1.0, gt=0)
