@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -10,10 +11,12 @@ import pytest
 from confluent_kafka import Producer
 
 from serving.settings import ServingSettings
+from streams.broker import EmbeddedBroker, ensure_topics, free_port
+from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
 from streams.core.state import B60_US, ItemState
-from tests.serving.conftest import Api
+from tests.serving.conftest import Api, serving_settings_for, start_api
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +173,31 @@ def test_openapi_documents_the_versioned_route(api: Api) -> None:
     assert {"user_id", "k", "item_id", "surface", "exclude", "category"} <= names
     k = next(p for p in route["parameters"] if p["name"] == "k")
     assert k["schema"]["minimum"] == 1 and k["schema"]["maximum"] == 200
+
+
+def test_degraded_mode_keeps_answering_from_the_last_state_when_the_broker_dies(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(port=free_port(), log_path=str(tmp_path / "tansu.log")).start()
+    live = Settings(bootstrap_servers=broker.bootstrap, partitions=2, data_dir=str(tmp_path / "data"))
+    ensure_topics(live)
+    api, server, thread = start_api(serving_settings_for(live))
+    try:
+        _publish_items(api.settings, {"a": (10, True, "x"), "b": (5, True, "x")})
+        _wait_items(api, 2)
+        _wait_ready(api)
+        broker.stop()
+        deadline = time.monotonic() + 30
+        with api.client() as c:
+            while True:
+                r = c.get("/v1/recommendations", params={"user_id": "someone", "k": 5})
+                assert r.status_code == 200
+                body = r.json()
+                assert [it["item_id"] for it in body["items"]] == ["a", "b"]  # the last state
+                if not body["provenance"]["state"]["broker_connected"]:
+                    break
+                assert time.monotonic() < deadline, "the broker outage was never reported"
+                time.sleep(0.2)
+        assert body["provenance"]["state"]["replica_age_s"] > 0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        broker.stop()
