@@ -37,11 +37,23 @@ from serving.index import IndexParams, ShardedIndex, brute_force_topk  # noqa: E
 K = 100
 
 
-def clustered(n: int, dim: int, *, centers: int = 64, noise: float = 0.35, seed: int = 0) -> npt.NDArray[np.float32]:
-    """``n`` vectors around ``centers`` unit-norm Gaussian centers, in float32, built in chunks."""
-    rng = np.random.default_rng(seed)
-    c = rng.standard_normal((centers, dim)).astype(np.float32)
+def clustered(
+    n: int,
+    dim: int,
+    *,
+    centers: int = 1024,
+    noise: float = 0.35,
+    spread: tuple[float, float] = (0.8, 1.25),
+    seed: int = 0,
+) -> npt.NDArray[np.float32]:
+    """``n`` embedding-like float32 vectors: cluster centers (fixed by ``centers``/``dim``) of unit
+    direction and length uniform in ``spread`` (popularity-like norm variation), plus Gaussian
+    noise of total norm about ``noise``; ``seed`` picks the members. Built in chunks."""
+    crng = np.random.default_rng(12345)
+    c = crng.standard_normal((centers, dim)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
+    c *= crng.uniform(spread[0], spread[1], size=(centers, 1)).astype(np.float32)
+    rng = np.random.default_rng(seed)
     out = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, 100_000):
         m = min(n, s + 100_000) - s
@@ -70,18 +82,27 @@ def main() -> None:
     ap.add_argument("--brute-queries", type=int, default=50)
     ap.add_argument("--updates", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--centers", type=int, default=1024)
+    ap.add_argument("--noise", type=float, default=0.35)
+    ap.add_argument("--spread", type=float, nargs=2, default=[0.8, 1.25], help="range of cluster-center norms")
+    ap.add_argument("--mips", action=argparse.BooleanOptionalAction, default=True, help="MIPS-to-NN reduction")
+    ap.add_argument("--headroom", type=float, default=1.0, help="MIPS radius = headroom x longest vector")
     ap.add_argument("--snapshot", action="store_true", help="also time save/load of a snapshot")
     args = ap.parse_args()
 
     n, dim = args.items, args.dim
     t0 = time.perf_counter()
-    x = clustered(n, dim, seed=1)
-    queries = clustered(args.queries, dim, seed=2)
+    gen = {"centers": args.centers, "noise": args.noise, "spread": (args.spread[0], args.spread[1])}
+    x = clustered(n, dim, seed=1, **gen)  # type: ignore[arg-type]
+    # user-like queries: same clusters, unit-length centers (users are not "popular")
+    queries = clustered(args.queries, dim, seed=2, **{**gen, "spread": (1.0, 1.0)})  # type: ignore[arg-type]
     ids = [f"item-{j}" for j in range(n)]
+    print(f"data: {gen}, mips={args.mips} headroom={args.headroom}", flush=True)
     print(f"data: {n} x {dim} in {time.perf_counter() - t0:.1f}s", flush=True)
 
     t0 = time.perf_counter()
-    exact_rows, _ = brute_force_topk(x, queries, K)  # batched oracle (not timed as the baseline)
+    # batched oracle, 32 queries at a time to bound memory (not timed as the baseline)
+    exact_rows = np.concatenate([brute_force_topk(x, queries[s : s + 32], K)[0] for s in range(0, len(queries), 32)])
     brute_ms: list[float] = []
     for q in queries[: args.brute_queries]:
         s = time.perf_counter()
@@ -98,6 +119,8 @@ def main() -> None:
         ef=args.ef[0],
         rerank=args.rerank[0],
         threads=args.threads,
+        mips=args.mips,
+        norm_headroom=args.headroom,
         max_elements=max(1024, 2 * n // args.shards),
     )
     ix = ShardedIndex(params, args.shards)
@@ -156,7 +179,7 @@ def main() -> None:
     # the summary reports the first (ef, rerank) combination that reaches recall 0.98, else the best
     ok = [r for r in results if r[4] >= 0.98]
     ef, rerank, p50, p99, rec = min(ok, key=lambda r: r[3]) if ok else max(results, key=lambda r: r[4])
-    print(f"chosen: ef={ef} rerank={rerank} M={args.M}", flush=True)
+    print(f"chosen: ef={ef} rerank={rerank} M={args.M} mips={args.mips} norm_overflow={ix.norm_overflow}", flush=True)
     print(
         f"ann: items={n} shards={args.shards} build_s={build_s:.1f} query_p50_ms={p50:.2f} query_p99_ms={p99:.2f} "
         f"brute_p50_ms={brute_p50:.2f} recall_at_100={rec:.4f} updates_per_s={updates_per_s:.0f}"

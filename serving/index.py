@@ -15,6 +15,19 @@ holds:
   candidate *exactly* (inner product with the stored float32 copy of the vector), merges by
   score and drops the excluded items. Scores are therefore exact dot products, never
   hnswlib's ``1 - distance`` rounding.
+* **Inner product as nearest neighbour.** HNSW graphs built on raw inner products of
+  unnormalized vectors are poor (long vectors become hubs): on 100k x 64 clustered vectors,
+  recall@100 was 0.84 at ef=100. With ``IndexParams.mips`` (default) each shard indexes
+  ``(x, sqrt(R^2 - |x|^2))`` and queries ``(q, 0)``: every indexed vector has norm ``R``, so the
+  graph is a cosine graph, while ``(q, 0) . (x, .) = q . x`` keeps the ranking exact (0.99 at
+  ef=100 on the same data). ``R`` is ``norm_headroom`` x the longest vector a shard has seen
+  while small (see ``_ADAPT_LIVE``; normally the bulk ``build``) unless ``max_norm`` fixes it;
+  longer vectors later get 0 (counted in ``norm_overflow``;
+  they stay searchable and exactly scored, the graph is just worse around them; rebuild or
+  raise ``max_norm`` if the count grows).
+* **Re-ranking.** hnswlib keeps exact float32 vectors, so its ``k`` results are already the
+  exact best ``k`` of its ``max(ef, k)`` beam; ``rerank=R`` is therefore equivalent to
+  ``ef=max(ef, R)``. It is kept as the knob for "candidates per shard".
 * **Labels.** Each shard maps string ids to dense int labels ``0, 1, 2, ...``; a label is
   never given to another id. Removing an item marks its label deleted; re-adding the id
   updates the same label in place (hnswlib ``add_items`` on an existing label unmarks it and
@@ -66,6 +79,8 @@ Labels = npt.NDArray[np.int64]
 SNAPSHOT_FORMAT = 1
 #: extra candidates asked of each shard beyond ``k`` plus the excluded items it holds
 _MARGIN = 8
+#: with ``mips`` and no fixed ``max_norm``, the radius still follows the data up to this many live items
+_ADAPT_LIVE = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +107,14 @@ class IndexParams:
     #: upserts applied per shard-lock hold in ``apply_pending`` (bounds query wait time)
     apply_chunk: int = 64
     random_seed: int = 100
+    #: inner product as nearest neighbour: index ``(x, sqrt(R^2 - |x|^2))`` and query ``(q, 0)``
+    #: (the MIPS-to-NN reduction; same ranking, far better graphs for unnormalized vectors)
+    mips: bool = True
+    #: the reduction's radius ``R``; None = ``norm_headroom`` x the largest norm a shard has
+    #: seen while it was small (a later vector longer than ``R`` gets 0 and is counted in
+    #: ``norm_overflow``: still indexed and exactly scored, but searched less well)
+    max_norm: float | None = None
+    norm_headroom: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -100,6 +123,10 @@ class IndexParams:
             raise ValueError(f"only space='ip' (inner product) is supported, got {self.space!r}")
         if self.M < 2 or self.ef_construction < 1 or self.ef < 1:
             raise ValueError("M must be >= 2, ef_construction and ef >= 1")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {self.max_norm}")
+        if self.norm_headroom < 1:
+            raise ValueError(f"norm_headroom must be >= 1, got {self.norm_headroom}")
         if self.max_elements < 1 or self.threads < 1 or self.apply_chunk < 1 or self.rerank < 0:
             raise ValueError("max_elements, threads, apply_chunk must be >= 1 and rerank >= 0")
 
@@ -169,7 +196,9 @@ class HnswShard:
         self.params = params
         #: held around every hnswlib call and every read/write of the label map and vectors
         self.lock = threading.Lock()
-        self._index = hnswlib.Index(space=params.space, dim=params.dim)
+        self._radius: float | None = params.max_norm
+        self._overflow = 0
+        self._index = hnswlib.Index(space=params.space, dim=_index_dim(params))
         self._index.init_index(
             max_elements=params.max_elements,
             M=params.M,
@@ -195,9 +224,7 @@ class HnswShard:
 
     def __contains__(self, item_id: object) -> bool:
         """Whether ``item_id`` is live in this shard."""
-        label = self._label_of.get(item_id) if isinstance(item_id, str) else None
-        alive = self._alive  # lock-free read: a concurrent grow swaps the array, never shrinks it
-        return label is not None and label < alive.shape[0] and bool(alive[label])
+        return isinstance(item_id, str) and self.label_of(item_id) is not None
 
     def set_ef(self, ef: int) -> None:
         """Change the query-time beam width."""
@@ -242,7 +269,7 @@ class HnswShard:
                 labels[j] = label
             self._grow(len(self._ids))
             # an existing label (deleted or not) is updated in place: add_items unmarks it
-            self._index.add_items(mat, labels, num_threads=num_threads)
+            self._index.add_items(self._augment(mat, labels), labels, num_threads=num_threads)
             self._vectors[labels] = mat
             self._live += int(len(labels) - np.count_nonzero(self._alive[labels]))
             self._alive[labels] = True
@@ -270,6 +297,47 @@ class HnswShard:
             out: Vec = self._vectors[label].copy()
             return out
 
+    @property
+    def norm_overflow(self) -> int:
+        """Upserted vectors longer than the MIPS radius so far (0 without ``mips``)."""
+        return self._overflow
+
+    @property
+    def radius(self) -> float | None:
+        """The MIPS reduction's radius ``R`` (None before the first upsert or without ``mips``)."""
+        return self._radius
+
+    def _augment(self, mat: Vec, labels: Labels) -> Vec:
+        """Rows as indexed (lock held): with ``mips``, ``(x, sqrt(R^2 - |x|^2))``, all of norm ``R``.
+
+        Without a fixed ``max_norm``, ``R`` follows the longest vector while the shard holds at
+        most ``_ADAPT_LIVE`` live items (re-indexing those, cheap while small), so an index that
+        starts empty does not freeze ``R`` at its first item; then it stays fixed.
+        """
+        if not self.params.mips:
+            return mat
+        sq = np.einsum("nd,nd->n", mat, mat, dtype=np.float64)
+        top = float(np.sqrt(sq.max()))
+        grow = self.params.max_norm is None and self._live <= _ADAPT_LIVE and top > (self._radius or 0.0)
+        if self._radius is None or grow:
+            self._radius = self.params.norm_headroom * top or 1.0
+            others = np.setdiff1d(np.flatnonzero(self._alive[: len(self._ids)]), labels)
+            if others.size:
+                self._index.add_items(self._lift(self._vectors[others]), others, num_threads=1)
+        return self._lift(mat, sq)
+
+    def _lift(self, mat: Vec, sq: npt.NDArray[np.float64] | None = None) -> Vec:
+        """Append ``sqrt(R^2 - |x|^2)`` (0 for a vector longer than ``R``, counted)."""
+        if sq is None:
+            sq = np.einsum("nd,nd->n", mat, mat, dtype=np.float64)
+        assert self._radius is not None
+        extra = self._radius**2 - sq
+        self._overflow += int(np.count_nonzero(extra < 0))
+        out = np.empty((mat.shape[0], mat.shape[1] + 1), dtype=np.float32)
+        out[:, :-1] = mat
+        out[:, -1] = np.sqrt(np.maximum(extra, 0.0))
+        return out
+
     def _knn(self, q: Vec, k: int) -> Labels:
         """hnswlib labels of up to ``k`` neighbours per row (lock held), never raising for too few.
 
@@ -277,6 +345,8 @@ class HnswShard:
         count, or a graph thinned by deletions); retry with fewer.
         """
         k = min(k, self._live)
+        if self.params.mips and k > 0:
+            q = np.hstack([q, np.zeros((q.shape[0], 1), dtype=np.float32)])
         while k > 0:
             try:
                 labels, _ = self._index.knn_query(q, k=k, num_threads=1)
@@ -301,24 +371,44 @@ class HnswShard:
 
     def query_batch(self, q: Vec, k: int, *, candidates: int | None = None) -> tuple[list[list[str]], Vec]:
         """:meth:`query` for an ``(n, dim)`` float32 matrix, always returning per-row lists."""
+        labels, scores = self.query_labels(_as_matrix(q, self.params.dim), k, candidates=candidates)
+        ids_of = self._ids
+        return [[ids_of[lab] for lab in row] for row in labels.tolist()], scores
+
+    def query_labels(
+        self, q: Vec, k: int, *, candidates: int | None = None, exclude: Sequence[int] = ()
+    ) -> tuple[Labels, Vec]:
+        """Labels and exact scores ``(n, k')`` of the top-``k`` live items per row, best first.
+
+        ``q`` must be a C-contiguous float32 ``(n, dim)`` matrix. Labels in ``exclude`` are
+        skipped: the HNSW search asks for ``len(exclude)`` more, and an excluded label that
+        still ranks gets score ``-inf`` (sorted last), so callers drop non-finite scores.
+        """
         _check_k(k)
-        q = _as_matrix(q, self.params.dim)
-        fetch = max(k, candidates or 0)
+        fetch = max(k + len(exclude), candidates or 0)
         with self.lock:
             labels = self._knn(q, fetch)
-            cand = self._vectors[labels]  # (n, fetch', dim) copy
-            ids_of = self._ids
-            scores = np.einsum("nkd,nd->nk", cand, q, optimize=False).astype(np.float32, copy=False)
-            kk = min(k, labels.shape[1])
-            if labels.shape[1] > kk:
-                part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-                labels = np.take_along_axis(labels, part, axis=1)
-                scores = np.take_along_axis(scores, part, axis=1)
-            order = np.argsort(-scores, axis=1, kind="stable")
-            labels = np.take_along_axis(labels, order, axis=1)
-            scores = np.take_along_axis(scores, order, axis=1)
-            ids = [[ids_of[lab] for lab in row] for row in labels.tolist()]
-        return ids, scores
+            cand = self._vectors[labels]  # fancy indexing copies: safe to use after the lock
+        scores = np.einsum("nkd,nd->nk", cand, q, optimize=False).astype(np.float32, copy=False)
+        if exclude:
+            scores[np.isin(labels, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))] = -np.inf
+        kk = min(k, labels.shape[1])
+        if labels.shape[1] > kk:
+            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            labels = np.take_along_axis(labels, part, axis=1)
+            scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(labels, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+    def id_of(self, label: int) -> str:
+        """The item id of ``label`` (labels are never reassigned, so no lock is needed)."""
+        return self._ids[label]
+
+    def label_of(self, item_id: str) -> int | None:
+        """The label of ``item_id`` if it is live in this shard."""
+        label = self._label_of.get(item_id)
+        alive = self._alive  # lock-free read: a concurrent grow swaps the array, never shrinks it
+        return label if label is not None and label < alive.shape[0] and alive[label] else None
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -332,7 +422,14 @@ class HnswShard:
             np.save(d / "vectors.npy", self._vectors[:n])
             np.save(d / "alive.npy", self._alive[:n])
             (d / "ids.json").write_text(json.dumps(self._ids))
-            manifest = _manifest(self.params, live=self._live, labels=n, watermark=watermark)
+            manifest = _manifest(
+                self.params,
+                live=self._live,
+                labels=n,
+                radius=self._radius,
+                overflow=self._overflow,
+                watermark=watermark,
+            )
         (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     @classmethod
@@ -351,7 +448,7 @@ class HnswShard:
         if vectors.shape != (n, params.dim) or alive.shape != (n,) or manifest["labels"] != n:
             raise ValueError(f"inconsistent shard snapshot in {d}")
         cap = max(params.max_elements, n)
-        index = hnswlib.Index(space=params.space, dim=params.dim)
+        index = hnswlib.Index(space=params.space, dim=_index_dim(params))
         index.load_index(str(d / "index.bin"), max_elements=cap, allow_replace_deleted=False)
         index.set_ef(params.ef)
         shard._index = index
@@ -362,9 +459,16 @@ class HnswShard:
         shard._alive = np.zeros(cap, dtype=bool)
         shard._alive[:n] = alive
         shard._live = int(np.count_nonzero(alive))
+        shard._radius = manifest["radius"]
+        shard._overflow = int(manifest["overflow"])
         if shard._live != manifest["live"]:
             raise ValueError(f"inconsistent shard snapshot in {d}: live count")
         return shard
+
+
+def _index_dim(params: IndexParams) -> int:
+    """Dimension of the hnswlib vectors: one more with the MIPS reduction."""
+    return params.dim + 1 if params.mips else params.dim
 
 
 def _manifest(params: IndexParams, **extra: Any) -> dict[str, Any]:
@@ -445,6 +549,11 @@ class ShardedIndex:
             first = next(iter(self._pending.values()), None)
             times = [t for t in (self._inflight_since, first[1] if first else None) if t is not None]
         return max(0.0, self._clock() - min(times)) if times else 0.0
+
+    @property
+    def norm_overflow(self) -> int:
+        """Vectors applied so far that were longer than their shard's MIPS radius."""
+        return sum(s.norm_overflow for s in self.shards)
 
     def shard_of(self, item_id: str) -> int:
         """The shard (partition) of ``item_id``: Kafka's murmur2 partitioner."""
@@ -570,21 +679,33 @@ class ShardedIndex:
         """:meth:`search` for each row of ``vectors`` (``(n, dim)``), with one exclude set for all."""
         _check_k(k)
         q = _as_matrix(vectors, self.params.dim)
-        excl = exclude or set()
-        merged: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
-        for shard in self.shards:
+        label_parts: list[Labels] = []
+        score_parts: list[Vec] = []
+        shard_parts: list[npt.NDArray[np.int32]] = []
+        for p, shard in enumerate(self.shards):
             if len(shard) == 0:
                 continue
             # only excluded ids live in this shard can take a slot in its answer
-            n_excl = sum(1 for e in excl if e in shard) if excl else 0
-            need = k + n_excl + (_MARGIN if n_excl else 0)
-            ids, scores = shard.query_batch(q, need, candidates=self.params.rerank or None)
-            for out, row_ids, row_scores in zip(merged, ids, scores.tolist(), strict=True):
-                out.extend((i, s) for i, s in zip(row_ids, row_scores, strict=True) if i not in excl)
-        for j, out in enumerate(merged):
-            out.sort(key=lambda p: -p[1])
-            merged[j] = out[:k]
-        return merged
+            excl = [lab for lab in (shard.label_of(e) for e in exclude) if lab is not None] if exclude else []
+            need = k + (len(excl) + _MARGIN if excl else 0)
+            labels, scores = shard.query_labels(q, need, candidates=self.params.rerank or None, exclude=excl)
+            label_parts.append(labels)
+            score_parts.append(scores)
+            shard_parts.append(np.full(labels.shape, p, dtype=np.int32))
+        if not label_parts:
+            return [[] for _ in range(q.shape[0])]
+        labels = np.concatenate(label_parts, axis=1)
+        scores = np.concatenate(score_parts, axis=1)
+        shards = np.concatenate(shard_parts, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out: list[list[tuple[str, float]]] = []
+        for row in range(q.shape[0]):
+            o = order[row]
+            rs = scores[row, o].tolist()
+            rl = labels[row, o].tolist()
+            rp = shards[row, o].tolist()
+            out.append([(self.shards[p].id_of(lab), s) for p, lab, s in zip(rp, rl, rs, strict=True) if s != -np.inf])
+        return out
 
     # -- snapshots -----------------------------------------------------------------------
 
