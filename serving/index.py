@@ -288,6 +288,18 @@ class HnswShard:
             self._live -= removed
         return removed
 
+    def vectors(self, ids: Sequence[str], out: Vec, rows: Sequence[int]) -> list[bool]:
+        """Copy the vectors of live ``ids`` into ``out[rows]``; returns which were found."""
+        found = []
+        with self.lock:
+            for item, row in zip(ids, rows, strict=True):
+                label = self._label_of.get(item)
+                ok = label is not None and bool(self._alive[label])
+                if ok:
+                    out[row] = self._vectors[label]
+                found.append(ok)
+        return found
+
     def vector(self, item_id: str) -> Vec | None:
         """A copy of the indexed vector of ``item_id`` (None when absent or removed)."""
         with self.lock:
@@ -562,6 +574,27 @@ class ShardedIndex:
     def item_vector(self, item_id: str) -> Vec | None:
         """A copy of the applied (searchable) vector of ``item_id``; None when not live."""
         return self.shards[self.shard_of(item_id)].vector(item_id)
+
+    def item_vectors(self, item_ids: Sequence[str]) -> tuple[Vec, npt.NDArray[np.bool_]]:
+        """Applied vectors of ``item_ids`` as an ``(n, dim)`` matrix (zero rows where not live) and
+        a mask of which were found: one lock round per shard instead of one per item."""
+        out = np.zeros((len(item_ids), self.params.dim), dtype=np.float32)
+        found = np.zeros(len(item_ids), dtype=bool)
+        per: dict[int, list[int]] = {}
+        for row, item in enumerate(item_ids):
+            per.setdefault(self.shard_of(item), []).append(row)
+        for p, rows in per.items():
+            found[rows] = self.shards[p].vectors([item_ids[r] for r in rows], out, rows)
+        return out, found
+
+    def set_ef(self, ef: int) -> None:
+        """Change the query-time beam width of every shard (effective for the next search)."""
+        if ef < 1:
+            raise ValueError(f"ef must be >= 1, got {ef}")
+        self.params = IndexParams.from_dict(self.params.to_dict(), ef=ef)
+        for shard in self.shards:
+            shard.params = self.params
+            shard.set_ef(ef)
 
     # -- writes --------------------------------------------------------------------------
 

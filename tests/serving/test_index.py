@@ -182,6 +182,9 @@ def test_moved_vector_is_found_at_new_position_only() -> None:
     assert item not in {i for i, _ in ix.search(old, 10)}
     np.testing.assert_array_equal(ix.item_vector(item), new)
     assert ix.size == 2000
+    mat, found = ix.item_vectors([item, "missing", "item-6"])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(mat, np.stack([new, np.zeros(32, dtype=np.float32), x[6]]))
 
 
 def test_removed_item_never_appears_and_can_be_re_added() -> None:
@@ -306,6 +309,10 @@ def test_load_overrides_query_settings_and_rejects_missing(tmp_path: Path) -> No
     ix.save(tmp_path / "s")
     loaded = ShardedIndex.load(tmp_path / "s", ef=33, rerank=7)
     assert (loaded.params.ef, loaded.params.rerank) == (33, 7)
+    loaded.set_ef(64)
+    assert loaded.params.ef == loaded.shards[1].params.ef == 64
+    with pytest.raises(ValueError):
+        loaded.set_ef(0)
     assert loaded.watermark == {}
     with pytest.raises(FileNotFoundError):
         ShardedIndex.load(tmp_path / "nothing")
