@@ -6,8 +6,8 @@ live state, the index and the ranker passed in, so tests can drive it without HT
 Candidate sources, in priority order (a candidate found by two sources keeps the first):
 
 1. ``ann``: HNSW top-N on the user's vector (skipped for users without one);
-2. ``i2i``: HNSW top-N on the vectors of the request's ``item_id`` and of the user's most
-   recent items;
+2. ``i2i``: HNSW top-N on the vector of the request's ``item_id`` and on the mean vector of
+   the user's most recent items (both in the same scatter-gather as ``ann``);
 3. ``trending``: the catalog's decayed-popularity list, which is also the whole answer for
    an unknown user (the response is then flagged ``fallback``).
 
@@ -147,12 +147,18 @@ class Recommender:
 
         uvec = user.vector if user is not None else None
         # one scatter-gather for the user vector and every item-to-item seed (one hnswlib call per shard)
+        # i2i: the viewed item's vector, and the mean vector of the recent items (one query for all)
         seeds = self._seeds(req, user)
         cat = self.catalog
-        seed_rows = [r for r in (cat.row(sd) for sd in seeds) if r >= 0]
-        queries = ([uvec] if uvec is not None else []) + [cat.vectors[r] for r in seed_rows]
+        i2i_queries = []
+        if req.item_id is not None and (r := cat.row(req.item_id)) >= 0:
+            i2i_queries.append(cat.vectors[r])
+        recent_rows = [r for r in (cat.row(sd) for sd in seeds if sd != req.item_id) if r >= 0]
+        if recent_rows:
+            i2i_queries.append(cat.vectors[recent_rows].mean(axis=0))
+        queries = ([uvec] if uvec is not None else []) + i2i_queries
         if queries:
-            n = max(opts.ann_candidates if uvec is not None else 0, opts.i2i_candidates if seed_rows else 0)
+            n = max(opts.ann_candidates if uvec is not None else 0, opts.i2i_candidates if i2i_queries else 0)
             found = self.index.search_many(np.stack(queries), n, blocked | set(seeds))
             if uvec is not None:
                 take([i for i, _ in found[0][: opts.ann_candidates]], "ann")
@@ -191,6 +197,7 @@ class Recommender:
         )
 
     def _seeds(self, req: Request, user: UserState | None) -> list[str]:
+        """The request's item and the user's most recent items (never searched for themselves)."""
         seeds = [req.item_id] if req.item_id else []
         if user is not None:
             for entry in user.recent[: self.options.i2i_seeds]:

@@ -62,7 +62,7 @@ class ServingOptions(BaseModel):
     ann_candidates: int = Field(100, ge=1, le=5000)
     i2i_candidates: int = Field(50, ge=1, le=1000)
     #: recent items used as item-to-item seeds
-    i2i_seeds: int = Field(2, ge=0, le=50)
+    i2i_seeds: int = Field(5, ge=0, le=50)
     trending_candidates: int = Field(100, ge=1, le=5000)
     #: recompute the trending list at this cadence (seconds)
     trending_interval_s: float = Field(1.0, gt=0)
