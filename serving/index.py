@@ -137,7 +137,8 @@ class IndexParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> IndexParams:
         """Parameters from a manifest dict, with query-time ``overrides`` (e.g. ``ef``)."""
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        # snapshots written before the MIPS reduction existed were raw inner-product graphs
+        merged = {"mips": False, **data, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**merged)
 
 
@@ -471,8 +472,8 @@ class HnswShard:
         shard._alive = np.zeros(cap, dtype=bool)
         shard._alive[:n] = alive
         shard._live = int(np.count_nonzero(alive))
-        shard._radius = manifest["radius"]
-        shard._overflow = int(manifest["overflow"])
+        shard._radius = manifest.get("radius")
+        shard._overflow = int(manifest.get("overflow", 0))
         if shard._live != manifest["live"]:
             raise ValueError(f"inconsistent shard snapshot in {d}: live count")
         return shard

@@ -318,6 +318,26 @@ def test_load_overrides_query_settings_and_rejects_missing(tmp_path: Path) -> No
         ShardedIndex.load(tmp_path / "nothing")
 
 
+def test_snapshot_without_mips_fields_loads_as_raw_inner_product(tmp_path: Path) -> None:
+    import json
+
+    x = clustered(300, 8, seed=16)
+    ix = built(x, partitions=2, mips=False)
+    ix.save(tmp_path / "old")
+    # strip what snapshots written before the reduction existed did not have
+    for manifest in (tmp_path / "old").rglob("manifest.json"):
+        data = json.loads(manifest.read_text())
+        for key in ("mips", "max_norm", "norm_headroom"):
+            data["params"].pop(key)
+        data.pop("radius", None)
+        data.pop("overflow", None)
+        manifest.write_text(json.dumps(data))
+    loaded = ShardedIndex.load(tmp_path / "old")
+    assert loaded.params.mips is False
+    q = clustered(1, 8, seed=17)[0]
+    assert loaded.search(q, 10) == ix.search(q, 10)
+
+
 def test_shard_snapshot_round_trip(tmp_path: Path) -> None:
     x = clustered(400, 8, seed=11)
     shard = HnswShard(IndexParams(dim=8))
