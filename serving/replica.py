@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -179,7 +179,7 @@ class LiveState:
                     continue
                 got += 1
                 key = m.key()
-                topic, partition, offset = m.topic(), m.partition(), m.offset()
+                topic, partition, offset = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
                 self.positions[(topic, partition)] = offset + 1
                 if not key or key[:1] == b"\x00":
                     continue  # meta records (stored offsets)

@@ -109,7 +109,7 @@ class RocksStore:
         """Many values, in order (one RocksDB MultiGet)."""
         if not keys:
             return []
-        values: list[bytes | None] = self._db.get(list(keys))
+        values: list[bytes | None] = self._db.get(list(keys))  # type: ignore[assignment]  # rocksdict is untyped
         return values
 
     def write(self, puts: Mapping[bytes, bytes], deletes: Sequence[bytes] = (), sync: bool = False) -> None:

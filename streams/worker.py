@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -302,7 +302,7 @@ class StreamWorker:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                 continue
-            groups[(m.topic(), m.partition())].append(m)
+            groups[(cast(str, m.topic()), cast(int, m.partition()))].append(m)
         # one pending write set per shard: user shard p is fed by two topics (events and
         # impressions), and the second group must see the first group's new states
         writes: dict[tuple[str, int], tuple[_Shard, dict[bytes, bytes]]] = {}
@@ -365,7 +365,7 @@ class StreamWorker:
         ]
         while True:
             try:
-                self._producer.produce(self.settings.topics.dlq, m.value(), m.key(), headers=headers)
+                self._producer.produce(self.settings.topics.dlq, m.value(), m.key(), headers=headers)  # type: ignore[arg-type]  # bytes header values are valid
                 return
             except BufferError:
                 self._producer.poll(0.01)
@@ -399,7 +399,7 @@ class StreamWorker:
             except InvalidEvent as exc:
                 self._dlq(m, exc.reason, exc.detail)
                 continue
-            off = m.offset()
+            off = cast(int, m.offset())
             rec_ts[off] = ts_ms
             if ev.type is EventType.ITEM_UPSERT:
                 assert ev.item_id is not None
@@ -449,7 +449,7 @@ class StreamWorker:
                 self._item_partition(fw.item_id), ts_ms,
             )  # fmt: skip
         self.stats.forwards += len(forwards)
-        nxt = str(batch[-1].offset() + 1).encode()
+        nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
         self._produce(changelog, off_key, nxt, shard.partition)
@@ -467,7 +467,7 @@ class StreamWorker:
         value = codec.encode(ev)
         while True:
             try:
-                self._producer.produce(self.settings.topics.dlq, value, (ev.user_id or "").encode(), headers=headers)
+                self._producer.produce(self.settings.topics.dlq, value, (ev.user_id or "").encode(), headers=headers)  # type: ignore[arg-type]  # bytes header values are valid
                 return
             except BufferError:
                 self._producer.poll(0.01)
@@ -480,13 +480,13 @@ class StreamWorker:
         hwm = shard.src_hwm
         touched_src: set[int] = set()
         for m in batch:
-            fw, src, seq = serde.decode_forward(m.value())
+            fw, src, seq = serde.decode_forward(m.value() or b"")
             if seq <= hwm.get(src, -1):
                 self.stats.resent_forwards += 1
                 continue
             hwm[src] = seq
             touched_src.add(src)
-            per_item[fw.item_id].append((m.offset(), fw))
+            per_item[fw.item_id].append((cast(int, m.offset()), fw))
         items = list(per_item)
         raw = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending)
         puts: dict[bytes, bytes] = {}
@@ -513,7 +513,7 @@ class StreamWorker:
         for src in touched_src:
             k = META_PREFIX + f"src:{src}".encode()
             puts[k] = str(hwm[src]).encode()
-        nxt = str(batch[-1].offset() + 1).encode()
+        nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
         self._produce(changelog, off_key, nxt, shard.partition)

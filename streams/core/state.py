@@ -106,7 +106,7 @@ def init_vector(key: str, cfg: CoreConfig, kind: str) -> Vec:
     """Deterministic initial vector for ``key``: the sum of two rows of a seeded table."""
     table = _init_table(cfg.dim, cfg.seed)
     h = hash64(kind + key, cfg.seed)
-    v = table[h & 4095] + table[(h >> 12) & 4095]
+    v: Vec = table[h & 4095] + table[(h >> 12) & 4095]
     return (v * np.float32(cfg.init_scale * math.sqrt(cfg.dim))).astype(np.float32)
 
 
