@@ -51,7 +51,8 @@ from streams.errors import InvalidEvent, StateMismatch
 from streams.events import Event, EventType
 from streams.store import META_PREFIX, STATE_PREFIX, Store, open_store, shard_path
 
-__all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state"]  # ItemReplica re-exported
+# ItemReplica is re-exported
+__all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state", "restore_from_changelog"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class WorkerStats:
     redelivered: int = 0
     resent_forwards: int = 0
     batches: int = 0
+    restored_records: int = 0
     item_records: int = 0
     first_batch_at: float | None = None
     last_batch_at: float | None = None
@@ -96,6 +98,7 @@ class WorkerStats:
             "redelivered": self.redelivered,
             "resent_forwards": self.resent_forwards,
             "batches": self.batches,
+            "restored_records": self.restored_records,
             "item_records": self.item_records,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,
@@ -125,6 +128,59 @@ class _Shard:
     def next_offset(self, topic: str) -> int | None:
         raw = self.store.get(_off_key(topic, self.partition))
         return None if raw is None else int(raw)
+
+
+def restore_from_changelog(settings: Settings, stage: str, partition: int, store: Store, quiet_s: float = 0.5) -> int:
+    """Copy partition ``partition`` of the stage's changelog into ``store``; returns records read.
+
+    The changelog holds full state values keyed by id plus the shard's meta records (next
+    input offsets, the item stage's per-source high-water marks), so the restored shard
+    resumes exactly where the last committed batch left off. "The end" is never taken from
+    the high watermark alone (Tansu's is too low): reading stops once the position passed
+    it **and** no record arrived for ``quiet_s``. A prefix cut inside a batch is still safe:
+    the per-key offset guards skip the records the restored states already include.
+    """
+    topic = settings.topics.user_changelog if stage == "user" else settings.topics.item_changelog
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"{settings.group_id}-restore",
+         "enable.auto.commit": False, "fetch.wait.max.ms": 50, "log_level": 3}
+    )  # fmt: skip
+    try:
+        tp = TopicPartition(topic, partition, OFFSET_BEGINNING)
+        consumer.assign([tp])
+        _low, high = consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)
+        if high <= 0:
+            return 0  # Tansu's high watermark is too low, but 0 does mean empty
+        position, n, last_data = 0, 0, time.monotonic()
+        puts: dict[bytes, bytes] = {}
+        deletes: set[bytes] = set()
+        while position < high or time.monotonic() - last_data < quiet_s:
+            msgs = consumer.consume(10000, 0.1)
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                key = m.key()
+                position = cast(int, m.offset()) + 1
+                n += 1
+                if not key:
+                    continue
+                k = key if key[:1] == META_PREFIX else STATE_PREFIX + key
+                value = m.value()
+                if value is None:
+                    deletes.add(k)
+                    puts.pop(k, None)
+                else:
+                    puts[k] = value
+                    deletes.discard(k)
+            if msgs:
+                last_data = time.monotonic()
+            if len(puts) >= 50_000:
+                store.write(puts, list(deletes))
+                puts, deletes = {}, set()
+        store.write(puts, list(deletes), sync=True)
+        return n
+    finally:
+        consumer.close()
 
 
 def reset_state(settings: Settings) -> None:
@@ -231,6 +287,11 @@ class StreamWorker:
             have = store.get(epoch_key)
             assert self._epoch is not None
             if have is None:
+                # no local state for this shard (new host, lost disk): rebuild it from its changelog
+                n = restore_from_changelog(self.settings, stage, partition, store)
+                self.stats.restored_records += n
+                if n:
+                    log.info("restored %s shard %d from its changelog: %d records", stage, partition, n)
                 store.write({epoch_key: self._epoch.encode()}, sync=True)
             elif have.decode() != self._epoch:
                 store.close()
@@ -513,6 +574,7 @@ class StreamWorker:
         for src in touched_src:
             k = META_PREFIX + f"src:{src}".encode()
             puts[k] = str(hwm[src]).encode()
+            self._produce(changelog, k, puts[k], shard.partition)  # restored with the shard
         nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
