@@ -70,6 +70,8 @@ class LiveState:
         self.event_watermark_us = 0
         self.last_record_at: float | None = None
         self.records = 0
+        #: item records not staged into the index because the loaded snapshot already had them
+        self.snapshot_skipped = 0
         self.broker_ok = False
         self.broker_error: str | None = None
         self.caught_up = threading.Event()
@@ -227,8 +229,11 @@ class LiveState:
         cat.update(item_id, state)
         if state.max_ts > self.event_watermark_us:
             self.event_watermark_us = state.max_ts
-        if not changed or offset < self.index_watermark.get(partition, 0):
-            return  # unchanged, or already in the loaded index snapshot
+        if offset < self.index_watermark.get(partition, 0):
+            self.snapshot_skipped += 1
+            return  # already in the loaded index snapshot
+        if not changed:
+            return
         if state.vector is None or not state.eligible:
             self.sink.remove(item_id)
         else:

@@ -201,3 +201,50 @@ def test_degraded_mode_keeps_answering_from_the_last_state_when_the_broker_dies(
         server.should_exit = True
         thread.join(30)
         broker.stop()
+
+
+def _put_item(settings: ServingSettings, item_id: str, vector: list[float]) -> None:
+    p = Producer({"bootstrap.servers": settings.bootstrap_servers, "log_level": 3})
+    state = ItemState(max_ts=T0, vector=np.array(vector, dtype=np.float32), version=1)
+    part = partition_for(item_id, settings.partitions)
+    p.produce(settings.topics.item_changelog, serde.encode_item(state), item_id.encode(), partition=part)
+    assert p.flush(10) == 0
+
+
+def test_index_snapshot_is_reloaded_then_followed_by_the_later_changes(live_settings: Settings, tmp_path: Path) -> None:
+    ensure_topics(live_settings)
+    snap = tmp_path / "snapshot"
+    settings = serving_settings_for(live_settings)
+    settings = settings.model_copy(
+        update={"serving": settings.serving.model_copy(
+            update={"index": settings.serving.index.model_copy(update={"snapshot_dir": str(snap)})})}
+    )  # fmt: skip
+    dim = settings.model.dim
+    unit = [[1.0 if j == d else 0.0 for j in range(dim)] for d in range(3)]
+    api, server, thread = start_api(settings)
+    try:
+        _put_item(settings, "a", unit[0])
+        _put_item(settings, "b", unit[1])
+        _wait_items(api, 2)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert (snap / "manifest.json").exists()
+
+    _put_item(settings, "c", unit[2])  # new after the snapshot
+    _put_item(settings, "a", unit[2])  # a moved after the snapshot
+    api, server, thread = start_api(settings)
+    try:
+        _wait_items(api, 3)
+        _wait_ready(api)
+        rt = api.runtime
+        assert rt.state.snapshot_skipped == 2  # a and b came from the snapshot, not from a rebuild
+        deadline = time.monotonic() + 10
+        while rt.index.pending or rt.index.item_vector("a") is None or rt.index.item_vector("a")[2] != 1.0:
+            assert time.monotonic() < deadline, "the change after the snapshot never reached the index"
+            time.sleep(0.05)
+        top = rt.index.search_many(np.array([unit[2]], dtype=np.float32), 2)[0]
+        assert {i for i, _ in top} == {"a", "c"}
+    finally:
+        server.should_exit = True
+        thread.join(30)
