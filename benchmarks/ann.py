@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +163,33 @@ def main() -> None:
     print(
         f"updates: staged {len(moved)} in {stage_s:.2f}s ({len(moved) / stage_s:,.0f}/s), "
         f"applied {applied} in {apply_s:.2f}s ({updates_per_s:,.0f}/s)",
+        flush=True,
+    )
+
+    # the serving pattern: searches on one thread while another applies a batch of updates
+    moved = rng.choice(n, size=min(args.updates, n), replace=False)
+    for j in moved:
+        ix.upsert(ids[j], x[j] + 0.05 * rng.standard_normal(dim).astype(np.float32))
+    done = threading.Event()
+
+    def applier() -> None:
+        ix.apply_pending()
+        done.set()
+
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=applier)
+    worker.start()
+    busy: list[float] = []
+    while not done.is_set():
+        q = queries[len(busy) % len(queries)]
+        s = time.perf_counter()
+        ix.search(q, K)
+        busy.append((time.perf_counter() - s) * 1e3)
+    worker.join()
+    busy_s = time.perf_counter() - t0
+    print(
+        f"during apply ({len(moved)} updates in {busy_s:.2f}s, {len(moved) / busy_s:,.0f}/s): {len(busy)} searches, "
+        f"p50 {pct(busy, 50):.2f} ms p99 {pct(busy, 99):.2f} ms max {max(busy):.2f} ms",
         flush=True,
     )
 

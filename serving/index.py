@@ -41,11 +41,14 @@ holds:
 
 Thread safety. The API calls ``search`` from the event-loop thread and ``apply_pending``
 from a background thread. hnswlib's ``resize_index`` is never safe concurrently with
-queries, and ``add_items`` concurrent with ``knn_query`` on one index is not safe in every
-hnswlib version, so each shard has a ``threading.Lock`` held around every hnswlib call and
-every read of the label map and vector copy. The writer holds it for at most
-``IndexParams.apply_chunk`` updates at a time, which bounds how long a query can wait
-(~1 ms per update at 1M items). hnswlib releases the GIL inside ``add_items`` and
+queries, and ``add_items`` concurrent with ``knn_query`` on one index is not thread-safe
+(hnswlib README: ``add_items`` is "thread-safe with other add_items calls, but not with
+knn_query"; the maintainer confirmed it for 0.8 in nmslib/hnswlib#562), so each shard has a
+``threading.Lock`` held around every hnswlib call and every read of the label map and
+vector copy. ``apply_pending`` sizes its ``add_items`` chunks from the measured cost per
+update so that one lock hold lasts about ``IndexParams.apply_hold_ms`` (an update costs
+~0.7 ms at 1M items, so a fixed chunk of 64 would block a query for ~45 ms), and yields
+between chunks. hnswlib releases the GIL inside ``add_items`` and
 ``knn_query``, so a running apply does not stall the event loop itself. Applies, builds and
 saves are serialized by a separate lock; staging has its own lock and never waits for an
 apply.
@@ -104,8 +107,10 @@ class IndexParams:
     rerank: int = 0
     #: hnswlib threads for bulk builds (``build``); applies and queries use 1
     threads: int = 1
-    #: upserts applied per shard-lock hold in ``apply_pending`` (bounds query wait time)
+    #: at most this many upserts per shard-lock hold in ``apply_pending``
     apply_chunk: int = 64
+    #: target duration of one shard-lock hold in ``apply_pending`` (bounds how long a search waits)
+    apply_hold_ms: float = 2.0
     random_seed: int = 100
     #: inner product as nearest neighbour: index ``(x, sqrt(R^2 - |x|^2))`` and query ``(q, 0)``
     #: (the MIPS-to-NN reduction; same ranking, far better graphs for unnormalized vectors)
@@ -127,6 +132,8 @@ class IndexParams:
             raise ValueError(f"max_norm must be > 0, got {self.max_norm}")
         if self.norm_headroom < 1:
             raise ValueError(f"norm_headroom must be >= 1, got {self.norm_headroom}")
+        if not self.apply_hold_ms > 0:
+            raise ValueError(f"apply_hold_ms must be > 0, got {self.apply_hold_ms}")
         if self.max_elements < 1 or self.threads < 1 or self.apply_chunk < 1 or self.rerank < 0:
             raise ValueError("max_elements, threads, apply_chunk must be >= 1 and rerank >= 0")
 
@@ -528,6 +535,8 @@ class ShardedIndex:
         self._pending_lock = threading.Lock()
         self._apply_lock = threading.RLock()
         self._inflight_since: float | None = None
+        #: moving average of one hnswlib update's cost, sizes the apply chunks
+        self._update_cost_s = 1e-3
         self._version = 0
         #: watermark of the snapshot this index was loaded from (empty when built)
         self.watermark: dict[int, int] = {}
@@ -635,22 +644,24 @@ class ShardedIndex:
     def apply_pending(self, max_items: int | None = None) -> int:
         """Apply up to ``max_items`` staged changes (oldest first; all when None). Returns how many.
 
-        Upserts go to each shard in chunks of ``params.apply_chunk`` (one ``add_items`` per
-        chunk), so a concurrent search waits for at most one chunk.
+        Upserts go to each shard in chunks (one ``add_items`` per chunk, at most
+        ``params.apply_chunk``), sized from the measured cost per update so that a chunk holds
+        the shard lock for about ``params.apply_hold_ms``: a concurrent search waits at most
+        about that long.
         """
         with self._apply_lock:
             changes = self._take(max_items)
             if not changes:
                 return 0
             try:
-                self._apply(changes, chunk=self.params.apply_chunk, num_threads=1)
+                self._apply(changes)
             finally:
                 with self._pending_lock:
                     self._inflight_since = None
             self._version += 1
             return len(changes)
 
-    def _apply(self, changes: Iterable[tuple[str, Vec | None]], *, chunk: int | None, num_threads: int) -> None:
+    def _apply(self, changes: Iterable[tuple[str, Vec | None]]) -> None:
         ups: list[list[tuple[str, Vec]]] = [[] for _ in self.shards]
         rms: list[list[str]] = [[] for _ in self.shards]
         for item_id, vec in changes:
@@ -659,13 +670,22 @@ class ShardedIndex:
                 rms[s].append(item_id)
             else:
                 ups[s].append((item_id, vec))
+        target_s = self.params.apply_hold_ms / 1e3
         for shard, up, rm in zip(self.shards, ups, rms, strict=True):
             if rm:
                 shard.remove_many(rm)
-            step = chunk or max(len(up), 1)
-            for i in range(0, len(up), step):
+            i = 0
+            while i < len(up):
+                step = max(1, min(self.params.apply_chunk, int(target_s / self._update_cost_s)))
                 part = up[i : i + step]
-                shard.upsert_many([p[0] for p in part], np.stack([p[1] for p in part]), num_threads=num_threads)
+                ids = [p[0] for p in part]
+                mat = np.stack([p[1] for p in part])
+                t0 = time.perf_counter()  # a cost measurement, not event time
+                shard.upsert_many(ids, mat)
+                per = (time.perf_counter() - t0) / len(part)
+                self._update_cost_s = 0.7 * self._update_cost_s + 0.3 * max(per, 1e-6)
+                i += step
+                time.sleep(0)  # let a search that waited on the shard lock take it
 
     def build(self, items: Iterable[tuple[str, npt.ArrayLike]]) -> int:
         """Bulk-load ``items`` (id, vector) directly, bypassing the buffer; returns how many.
