@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import orjson
 from replay.readers import LogRecord, ReplayInputError, open_log
 from replay.replayer import ReplayResult, replay_records
 from replay.snapshot import Snapshot, VectorTolerance, VerifyReport, compare, load_live_snapshot, snapshot_from_result
+from streams.codec import MAX_FUTURE_US
 from streams.config import Settings
 from streams.producer import Record
 from streams.store import shard_path
@@ -84,11 +86,25 @@ def event_time_us(value: bytes) -> int | None:
     return int(dt.timestamp() * 1_000_000)
 
 
-def to_produce_records(records: list[LogRecord] | Any) -> Any:
-    """LogRecords as :class:`streams.producer.Record` (pacing time = event time, else record time)."""
+def to_produce_records(records: Iterable[LogRecord]) -> Iterator[Record]:
+    """LogRecords as :class:`streams.producer.Record` for ``produce_records``' pacing.
+
+    The pacing time is a log clock: the running maximum of the event times (the record
+    time for records without one). An event more than ``codec.MAX_FUTURE_US`` ahead of
+    that clock (an outlier such as a year-2099 timestamp, which the worker rejects anyway)
+    is paced at the clock instead of stalling the replay for decades.
+    """
+    clock: int | None = None
     for rec in records:
         ts = event_time_us(rec.value)
-        yield Record(rec.key, rec.value, ts if ts is not None else rec.ts_us)
+        if ts is None:
+            ts = rec.ts_us
+        if ts is not None:
+            if clock is None:
+                clock = ts
+            elif ts <= clock + MAX_FUTURE_US:
+                clock = max(clock, ts)
+        yield Record(rec.key, rec.value, clock)
 
 
 def _run_worker_until_drained(settings: Settings, n_records: int, timeout_s: float) -> tuple[dict[str, Any], float]:

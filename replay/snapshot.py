@@ -242,6 +242,10 @@ def load_live_snapshot(store_url: str, partitions: int, config: CoreConfig | Non
             for p in range(partitions):
                 if not shard_path(root, stage, p).is_dir():
                     raise ReplayInputError(f"{shard_path(root, stage, p)}: no live shard there (wrong --partitions?)")
+            extra = shard_path(root, stage, partitions)
+            if extra.is_dir():
+                raise ReplayInputError(f"{extra}: the live stores have more than {partitions} shards; "
+                                       "replay with the live partition count")  # fmt: skip
     shards = _empty_shards(partitions)
     for stage in STAGES:
         for p in range(partitions):

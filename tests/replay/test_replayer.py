@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
+from replay.cli import parse_speed
+from replay.parity import to_produce_records
 from replay.readers import LogRecord, read_jsonl_log
 from replay.replayer import ReplayResult, replay_records
 from replay.snapshot import (
@@ -239,3 +242,19 @@ def test_cli_run_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert not out["ok"] and out["first_diverging_event"] is not None
     assert cli_main(["replay", "run", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_produce_pacing_uses_a_monotone_log_clock_that_ignores_far_future_outliers() -> None:
+    def rec(t: str | None) -> LogRecord:
+        body = {"event_id": "x", "type": "view", "user_id": "u", "item_id": "i", "schema_version": 1}
+        value = orjson.dumps({**body, "event_time": t}) if t is not None else b"{bad"
+        return LogRecord(b"u", value, None, 0, 0)
+
+    times = ["2026-01-01T10:00:00Z", "2026-01-01T09:59:00Z", "2099-01-01T00:00:00Z", "2026-01-01T10:05:00Z", None]
+    paced = [r.ts_us for r in to_produce_records(rec(t) for t in times)]
+    ten = 1_767_261_600_000_000  # 2026-01-01T10:00:00Z
+    # out-of-order and 2099 events are paced at the clock; a bad record keeps the clock too
+    assert paced == [ten, ten, ten, ten + 300_000_000, ten + 300_000_000]
+    assert parse_speed("60x") == parse_speed("60") == 60.0
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_speed("fast")
