@@ -284,6 +284,8 @@ def read_kafka_log(
                     if m.error() is not None:
                         continue
                     off = m.offset()
+                    if off is None:
+                        continue
                     if rng.end is not None and off >= rng.end:
                         done = True
                         break
