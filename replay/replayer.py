@@ -177,7 +177,6 @@ def replay_records(
         res.batches += 1
         per_user: dict[str, list[tuple[int, Event]]] = {}
         forwards: list[tuple[int, Forward]] = []
-        pos_of: dict[int, _Decoded] = {}
         for k, row in enumerate(chunk):
             ev = row.event
             seq = start + k
@@ -190,7 +189,6 @@ def replay_records(
                     (seq * _SUB, Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, eligible=ev.eligible,
                                          category=ev.category, bootstrap=ev.vector))
                 )  # fmt: skip
-                pos_of[seq] = row
                 continue
             uid = ev.user_id
             assert uid is not None
@@ -200,14 +198,13 @@ def replay_records(
                 if ("user", uid) not in first:
                     first["user", uid] = FirstTouch(seq, row.partition, row.offset, ev.event_id)
             lst.append((seq, ev))
-            pos_of[seq] = row
         work: list[tuple[str, UserState | None, list[Event]]] = []
         seqs: list[dict[str, int]] = []
         for uid, evs in per_user.items():
             state = users.get(uid)
             if state is not None:
                 guard = state.offsets.get(topic, -1)
-                fresh = [(s, e) for s, e in evs if pos_of[s].offset > guard]
+                fresh = [(s, e) for s, e in evs if chunk[s - start].offset > guard]
                 res.redelivered += len(evs) - len(fresh)
             else:
                 fresh = evs
@@ -216,7 +213,7 @@ def replay_records(
                 seqs.append({e.event_id: s for s, e in fresh})
         results = apply_user_batch(work, cfg, replica)
         for (uid, _, _), seq_of, (new, out) in zip(work, seqs, results, strict=True):
-            new.offsets[topic] = max(pos_of[s].offset for s in seq_of.values())
+            new.offsets[topic] = max(chunk[s - start].offset for s in seq_of.values())
             res.duplicates += len(out.duplicates)
             for late in out.late:
                 dlq.append((encode(late), LATE_REASON))
@@ -235,7 +232,7 @@ def replay_records(
             if lst2 is None:
                 lst2 = per_item[iid] = []
                 if ("item", iid) not in first:
-                    row = pos_of[fseq // _SUB]
+                    row = chunk[fseq // _SUB - start]
                     first["item", iid] = FirstTouch(fseq // _SUB, row.partition, row.offset, fw.event_id)
             lst2.append(fw)
         item_work = [(iid, items.get(iid), fws) for iid, fws in per_item.items()]
