@@ -3,14 +3,16 @@
 :func:`check_parity` produces a log to the broker named by ``settings``, runs a
 live worker until its own counters say it has consumed everything (never the
 high watermark: Tansu's is too low), closes it, replays the same log offline and
-compares: per-shard feature checksums, keys, DLQ counts by reason, duplicates,
-and vectors within a :class:`~replay.snapshot.VectorTolerance`.
+compares: per-shard feature checksums, keys, DLQ counts by reason and the DLQ
+records themselves (bytes + reason header), duplicates, and vectors within a
+:class:`~replay.snapshot.VectorTolerance`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from streams.config import Settings
 from streams.producer import Record
 from streams.store import shard_path
 
-__all__ = ["ParityReport", "check_parity", "event_time_us", "to_produce_records"]
+__all__ = ["ParityReport", "check_parity", "event_time_us", "read_dlq", "to_produce_records"]
 
 
 @dataclass
@@ -46,10 +48,18 @@ class ParityReport:
     live_snapshot: Snapshot | None = None
     replay_snapshot: Snapshot | None = None
 
+    #: True when the live DLQ topic holds exactly the replay's (bytes, reason) records (None: not read)
+    dlq_records_equal: bool | None = None
+
     @property
     def ok(self) -> bool:
-        """Equal checksums and keys, vectors within tolerance, equal DLQ counts and duplicates."""
-        return self.verify.ok and self.live_dlq == self.replay_dlq and self.live_duplicates == self.replay_duplicates
+        """Equal checksums and keys, vectors within tolerance, equal DLQ counts, records and duplicates."""
+        return (
+            self.verify.ok
+            and self.live_dlq == self.replay_dlq
+            and self.live_duplicates == self.replay_duplicates
+            and self.dlq_records_equal is not False
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary."""
@@ -62,6 +72,7 @@ class ParityReport:
             "replay_dlq": self.replay_dlq,
             "live_duplicates": self.live_duplicates,
             "replay_duplicates": self.replay_duplicates,
+            "dlq_records_equal": self.dlq_records_equal,
             "verify": self.verify.to_dict(),
         }
 
@@ -141,6 +152,29 @@ def _run_worker_until_drained(settings: Settings, n_records: int, timeout_s: flo
     return worker.stats.snapshot(), time.monotonic() - t0
 
 
+def read_dlq(settings: Settings, poll_timeout_s: float = 1.0) -> Counter[tuple[bytes, str]]:
+    """The live DLQ topic as a multiset of (value bytes, ``reason`` header), read until an empty poll."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": "freshrec-parity-dlq",
+         "enable.auto.commit": False, "log_level": 3}
+    )  # fmt: skip
+    out: Counter[tuple[bytes, str]] = Counter()
+    try:
+        consumer.assign([TopicPartition(settings.topics.dlq, 0, OFFSET_BEGINNING)])
+        while True:
+            msgs = consumer.consume(10_000, poll_timeout_s)
+            if not msgs:
+                return out
+            for m in msgs:
+                if m.error() is None:
+                    reason = dict(m.headers() or []).get("reason") or b""
+                    out[(m.value() or b"", reason.decode() if isinstance(reason, bytes) else str(reason))] += 1
+    finally:
+        consumer.close()
+
+
 def check_parity(
     log_path: str | Path,
     settings: Settings,
@@ -181,6 +215,7 @@ def check_parity(
     replay_snap = snapshot_from_result(result, cfg, settings.partitions, source=str(log_path))
     live_snap = load_live_snapshot(settings.store_url, settings.partitions, cfg)
     verify = compare(replay_snap, live_snap, tolerance)
+    dlq_equal = read_dlq(settings) == Counter(result.dlq)
     return ParityReport(
         verify=verify,
         live_dlq=dict(live_stats["dlq_reasons"]),
@@ -194,4 +229,5 @@ def check_parity(
         replay=result,
         live_snapshot=live_snap,
         replay_snapshot=replay_snap,
+        dlq_records_equal=dlq_equal,
     )

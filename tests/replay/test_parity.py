@@ -31,6 +31,7 @@ def test_golden_log_live_equals_replay(live_settings: Settings, tmp_path: Path) 
     assert report.live_dlq["late_event"] >= 1 and report.live_dlq["bad_json"] == 1
     assert report.live_dlq["future_timestamp"] == 1
     assert report.live_duplicates == report.replay_duplicates > 0
+    assert report.dlq_records_equal  # the very bytes: originals for rejects, the re-encoded event for late ones
     # vectors: not bit-identical (replica lag, batch boundaries) but close
     assert not [d for d in verify.diffs if d.kind != "vector"]
     assert verify.ok, verify.to_dict()
