@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--centers", type=int, default=1024)
     ap.add_argument("--noise", type=float, default=0.35)
     ap.add_argument("--spread", type=float, nargs=2, default=[0.8, 1.25], help="range of cluster-center norms")
-    ap.add_argument("--mips", action=argparse.BooleanOptionalAction, default=True, help="MIPS-to-NN reduction")
+    ap.add_argument("--mips", action=argparse.BooleanOptionalAction, default=False, help="MIPS-to-NN reduction")
     ap.add_argument("--headroom", type=float, default=1.0, help="MIPS radius = headroom x longest vector")
     ap.add_argument("--snapshot", action="store_true", help="also time save/load of a snapshot")
     args = ap.parse_args()

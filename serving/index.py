@@ -15,16 +15,21 @@ holds:
   candidate *exactly* (inner product with the stored float32 copy of the vector), merges by
   score and drops the excluded items. Scores are therefore exact dot products, never
   hnswlib's ``1 - distance`` rounding.
-* **Inner product as nearest neighbour.** HNSW graphs built on raw inner products of
-  unnormalized vectors are poor (long vectors become hubs): on 100k x 64 clustered vectors,
-  recall@100 was 0.84 at ef=100. With ``IndexParams.mips`` (default) each shard indexes
-  ``(x, sqrt(R^2 - |x|^2))`` and queries ``(q, 0)``: every indexed vector has norm ``R``, so the
-  graph is a cosine graph, while ``(q, 0) . (x, .) = q . x`` keeps the ranking exact (0.99 at
-  ef=100 on the same data). ``R`` is ``norm_headroom`` x the longest vector a shard has seen
-  while small (see ``_ADAPT_LIVE``; normally the bulk ``build``) unless ``max_norm`` fixes it;
-  longer vectors later get 0 (counted in ``norm_overflow``;
-  they stay searchable and exactly scored, the graph is just worse around them; rebuild or
-  raise ``max_norm`` if the count grows).
+* **Inner product, two graph options** (``benchmarks/ann.py``, 1M x 64, 4 shards, M=16,
+  recall@100 at ef=100 / 200 / 400 / 800). Default (``mips=False``): hnswlib's own
+  inner-product graph. It is robust when vector norms vary widely (popularity-driven
+  embedding norms: cluster norms 0.5-2x gave 0.92 / 0.94 / 0.96 / 0.97) and fine with moderate
+  variation (0.8-1.25x: 0.97 / 0.98 / 0.99 / 0.997), but collapses on tight clusters of
+  nearly equal norms (0.56 at ef=100 on 100k x 64), where long vectors become hubs.
+  ``mips=True`` applies the MIPS-to-NN reduction: each shard indexes
+  ``(x, sqrt(R^2 - |x|^2))`` and queries ``(q, 0)``, so every indexed vector has norm ``R``
+  and the graph is a cosine graph, while ``(q, 0) . (x, .) = q . x`` keeps the ranking exact.
+  It wins when norms are similar (0.98 / 0.996 / 0.9997 with 0.8-1.25x; 0.998 at ef=100 on
+  the 100k case above) but collapses when they vary widely (0.47 / 0.56 / 0.76 / 0.89 with
+  0.5-2x): short vectors crowd near the pole. Choose it only for norm-controlled vectors.
+  ``R`` is ``norm_headroom`` x the longest vector a shard has seen while small (see
+  ``_ADAPT_LIVE``; normally the bulk ``build``) unless ``max_norm`` fixes it; longer vectors
+  later get 0 (counted in ``norm_overflow``; still searchable and exactly scored).
 * **Re-ranking.** hnswlib keeps exact float32 vectors, so its ``k`` results are already the
   exact best ``k`` of its ``max(ef, k)`` beam; ``rerank=R`` is therefore equivalent to
   ``ef=max(ef, R)``. It is kept as the knob for "candidates per shard".
@@ -112,9 +117,9 @@ class IndexParams:
     #: target duration of one shard-lock hold in ``apply_pending`` (bounds how long a search waits)
     apply_hold_ms: float = 2.0
     random_seed: int = 100
-    #: inner product as nearest neighbour: index ``(x, sqrt(R^2 - |x|^2))`` and query ``(q, 0)``
-    #: (the MIPS-to-NN reduction; same ranking, far better graphs for unnormalized vectors)
-    mips: bool = True
+    #: the MIPS-to-NN reduction: index ``(x, sqrt(R^2 - |x|^2))``, query ``(q, 0)``; same ranking,
+    #: better graphs when norms are similar, much worse when they vary widely (module docstring)
+    mips: bool = False
     #: the reduction's radius ``R``; None = ``norm_headroom`` x the largest norm a shard has
     #: seen while it was small (a later vector longer than ``R`` gets 0 and is counted in
     #: ``norm_overflow``: still indexed and exactly scored, but searched less well)
