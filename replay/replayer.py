@@ -29,6 +29,7 @@ partition); the embeddings do, through batch boundaries, and it is fixed.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import time
 from collections import Counter, defaultdict
@@ -148,6 +149,7 @@ def replay_records(
     batch_size: int = DEFAULT_BATCH_SIZE,
     topic: str = "events",
     record_ts_us: int | None = None,
+    pause_gc: bool = True,
 ) -> ReplayResult:
     """Replay ``records`` through the pure core and return the final states.
 
@@ -155,11 +157,28 @@ def replay_records(
     records already carry their partitions); ``topic`` names the input in the
     states' offset guards; ``record_ts_us`` is the reference time of the future
     check for records without a Kafka timestamp (None skips that check).
+    ``pause_gc`` turns Python's cyclic garbage collector off for the duration (restored
+    after): the replay allocates millions of short-lived, acyclic objects while holding
+    the whole decoded log, and the collector rescanning that log cost ~30 % of the time
+    on MovieLens-100k. Reference counting still frees everything as usual.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if partitions < 1:
         raise ValueError("partitions must be >= 1")
+    was_enabled = gc.isenabled()
+    if pause_gc:
+        gc.disable()
+    try:
+        return _replay(records, cfg, batch_size, topic, record_ts_us)
+    finally:
+        if pause_gc and was_enabled:
+            gc.enable()
+
+
+def _replay(
+    records: Iterable[LogRecord], cfg: CoreConfig, batch_size: int, topic: str, record_ts_us: int | None
+) -> ReplayResult:
     t0 = time.perf_counter()
     c0 = time.process_time()
     res = ReplayResult()
