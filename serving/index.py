@@ -114,6 +114,10 @@ class IndexParams:
     threads: int = 1
     #: at most this many upserts per shard-lock hold in ``apply_pending``
     apply_chunk: int = 64
+    #: skip the graph update of a live item whose vector moved by at most ``min_move`` x its old
+    #: length (0 = skip only unchanged vectors); its exact-score copy is still replaced, so
+    #: scores and ``item_vector`` stay exact and only its position in the graph lags
+    min_move: float = 0.0
     #: target duration of one shard-lock hold in ``apply_pending`` (bounds how long a search waits)
     apply_hold_ms: float = 2.0
     random_seed: int = 100
@@ -137,6 +141,8 @@ class IndexParams:
             raise ValueError(f"max_norm must be > 0, got {self.max_norm}")
         if self.norm_headroom < 1:
             raise ValueError(f"norm_headroom must be >= 1, got {self.norm_headroom}")
+        if self.min_move < 0:
+            raise ValueError(f"min_move must be >= 0, got {self.min_move}")
         if not self.apply_hold_ms > 0:
             raise ValueError(f"apply_hold_ms must be > 0, got {self.apply_hold_ms}")
         if self.max_elements < 1 or self.threads < 1 or self.apply_chunk < 1 or self.rerank < 0:
@@ -211,6 +217,7 @@ class HnswShard:
         self.lock = threading.Lock()
         self._radius: float | None = params.max_norm
         self._overflow = 0
+        self._skipped = 0
         self._index = hnswlib.Index(space=params.space, dim=_index_dim(params))
         self._index.init_index(
             max_elements=params.max_elements,
@@ -281,11 +288,35 @@ class HnswShard:
                     self._ids.append(item)
                 labels[j] = label
             self._grow(len(self._ids))
-            # an existing label (deleted or not) is updated in place: add_items unmarks it
-            self._index.add_items(self._augment(mat, labels), labels, num_threads=num_threads)
-            self._vectors[labels] = mat
+            move = self._needs_move(mat, labels)
+            if not move.all():
+                self._skipped += int(np.count_nonzero(~move))
+                self._vectors[labels[~move]] = mat[~move]  # exact scores use the new vector
+                mat, labels = mat[move], labels[move]
+            if labels.size:
+                # an existing label (deleted or not) is updated in place: add_items unmarks it
+                self._index.add_items(self._augment(mat, labels), labels, num_threads=num_threads)
+                self._vectors[labels] = mat
             self._live += int(len(labels) - np.count_nonzero(self._alive[labels]))
             self._alive[labels] = True
+
+    def _needs_move(self, mat: Vec, labels: Labels) -> npt.NDArray[np.bool_]:
+        """Which rows need a graph update (lock held): new items, re-added ones, and live items
+        that moved by more than ``min_move`` x their old length."""
+        live = self._alive[labels]
+        move = np.ones(len(labels), dtype=bool)
+        if live.any():
+            # compare with the vector the *graph* holds, not the exact copy, so that small moves
+            # cannot add up unseen (get_items costs ~2 us per label, an update ~1 ms)
+            old = np.asarray(self._index.get_items(labels[live]), dtype=np.float32)[:, : self.params.dim]
+            dist = np.linalg.norm(mat[live] - old, axis=1)
+            move[live] = dist > self.params.min_move * np.linalg.norm(old, axis=1)
+        return move
+
+    @property
+    def skipped_updates(self) -> int:
+        """Upserts of live items that did not move enough to touch the graph (see ``min_move``)."""
+        return self._skipped
 
     def remove_many(self, ids: Iterable[str]) -> int:
         """Mark ``ids`` deleted; unknown or already removed ids are ignored. Returns the number removed."""
@@ -486,6 +517,7 @@ class HnswShard:
         shard._live = int(np.count_nonzero(alive))
         shard._radius = manifest.get("radius")
         shard._overflow = int(manifest.get("overflow", 0))
+        shard._skipped = 0
         if shard._live != manifest["live"]:
             raise ValueError(f"inconsistent shard snapshot in {d}: live count")
         return shard
@@ -576,6 +608,11 @@ class ShardedIndex:
             first = next(iter(self._pending.values()), None)
             times = [t for t in (self._inflight_since, first[1] if first else None) if t is not None]
         return max(0.0, self._clock() - min(times)) if times else 0.0
+
+    @property
+    def skipped_updates(self) -> int:
+        """Applied upserts that left the graph alone because the vector barely moved (``min_move``)."""
+        return sum(s.skipped_updates for s in self.shards)
 
     @property
     def norm_overflow(self) -> int:

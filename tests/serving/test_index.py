@@ -211,6 +211,33 @@ def test_removed_item_never_appears_and_can_be_re_added() -> None:
     assert shard.labels_used == len(shard)  # no new label was taken
 
 
+@pytest.mark.parametrize("mips", [False, True])
+def test_min_move_skips_graph_updates_but_keeps_scores_exact(mips: bool) -> None:
+    x = clustered(1000, 16, seed=18)
+    ix = built(x, partitions=2, mips=mips, min_move=0.1)
+    item, v = "item-9", x[9]
+    ix.upsert(item, v)  # unchanged: never touches the graph
+    ix.apply_pending()
+    assert ix.skipped_updates == 1
+    nudged = (v * 1.05).astype(np.float32)  # moved by 5% of its length < 10%
+    ix.upsert(item, nudged)
+    ix.apply_pending()
+    assert ix.skipped_updates == 2
+    np.testing.assert_array_equal(ix.item_vector(item), nudged)
+    res = dict(ix.search(v, 5))
+    assert res[item] == pytest.approx(float(nudged @ v), rel=1e-5)  # exact score of the new vector
+    # a second 5% step is 10.25% away from what the graph holds: it must update the graph
+    ix.upsert(item, (v * 1.1025).astype(np.float32))
+    ix.apply_pending()
+    assert ix.skipped_updates == 2
+    # a removed item that comes back is always (re)indexed
+    ix.remove(item)
+    ix.apply_pending()
+    ix.upsert(item, v)
+    ix.apply_pending()
+    assert ix.skipped_updates == 2 and ix.item_vector(item) is not None
+
+
 def test_buffer_last_change_wins_both_ways() -> None:
     x = clustered(500, 16, seed=5)
     ix = built(x, partitions=2)
