@@ -9,9 +9,11 @@ holds:
   the buffer in bulk, per shard, from a background thread. Updating one hnswlib label costs
   about 1 ms at 1M items (DESIGN.md), so embedding updates at tens of thousands of events/s
   cannot each touch the graph; ``pending`` and ``oldest_pending_age_s()`` say how stale the
-  index may be.
+  index may be. With ``min_move`` > 0 a live item whose vector moved less than that fraction
+  of its length (compared with the vector the graph holds) keeps its graph position and only
+  its exact-score copy is replaced.
 * **Reads scatter-gather.** ``search`` asks every shard for ``k`` plus the excluded items
-  that live there plus a margin, or for ``rerank`` candidates when re-ranking, scores every
+  that live there plus a margin (or for ``rerank`` candidates if that is more), scores every
   candidate *exactly* (inner product with the stored float32 copy of the vector), merges by
   score and drops the excluded items. Scores are therefore exact dot products, never
   hnswlib's ``1 - distance`` rounding.
@@ -19,13 +21,15 @@ holds:
   recall@100 at ef=100 / 200 / 400 / 800). Default (``mips=False``): hnswlib's own
   inner-product graph. It is robust when vector norms vary widely (popularity-driven
   embedding norms: cluster norms 0.5-2x gave 0.92 / 0.94 / 0.96 / 0.97) and fine with moderate
-  variation (0.8-1.25x: 0.97 / 0.98 / 0.99 / 0.997), but collapses on tight clusters of
-  nearly equal norms (0.56 at ef=100 on 100k x 64), where long vectors become hubs.
+  variation (0.8-1.25x: 0.97 / 0.98 / 0.99 / 0.997), but degrades on tight clusters of
+  nearly equal norms, where the slightly longer vectors become hubs (100k x 64, 64 such
+  clusters, 4 shards: 0.56 at ef=100, 0.71 at ef=400; one index over 1024 such clusters:
+  0.84 / 0.91 / 0.96 at ef=100 / 200 / 400).
   ``mips=True`` applies the MIPS-to-NN reduction: each shard indexes
   ``(x, sqrt(R^2 - |x|^2))`` and queries ``(q, 0)``, so every indexed vector has norm ``R``
   and the graph is a cosine graph, while ``(q, 0) . (x, .) = q . x`` keeps the ranking exact.
-  It wins when norms are similar (0.98 / 0.996 / 0.9997 with 0.8-1.25x; 0.998 at ef=100 on
-  the 100k case above) but collapses when they vary widely (0.47 / 0.56 / 0.76 / 0.89 with
+  It wins when norms are similar (0.98 / 0.996 / 0.9997 with 0.8-1.25x; 0.99 / 0.999 /
+  1.0 on the one-index equal-norm case above) but collapses when they vary widely (0.47 / 0.56 / 0.76 / 0.89 with
   0.5-2x): short vectors crowd near the pole. Choose it only for norm-controlled vectors.
   ``R`` is ``norm_headroom`` x the longest vector a shard has seen while small (see
   ``_ADAPT_LIVE``; normally the bulk ``build``) unless ``max_norm`` fixes it; longer vectors
@@ -49,8 +53,9 @@ from a background thread. hnswlib's ``resize_index`` is never safe concurrently 
 queries, and ``add_items`` concurrent with ``knn_query`` on one index is not thread-safe
 (hnswlib README: ``add_items`` is "thread-safe with other add_items calls, but not with
 knn_query"; the maintainer confirmed it for 0.8 in nmslib/hnswlib#562), so each shard has a
-``threading.Lock`` held around every hnswlib call and every read of the label map and
-vector copy. ``apply_pending`` sizes its ``add_items`` chunks from the measured cost per
+``threading.Lock`` held around every hnswlib call and every access to the vector copy and
+liveness array (the id list and id->label dict are only appended to, so ``label_of`` and
+``id_of`` read them without it). ``apply_pending`` sizes its ``add_items`` chunks from the measured cost per
 update so that one lock hold lasts about ``IndexParams.apply_hold_ms`` (an update costs
 ~0.7 ms at 1M items, so a fixed chunk of 64 would block a query for ~45 ms), and yields
 between chunks. hnswlib releases the GIL inside ``add_items`` and
