@@ -53,15 +53,15 @@ from a background thread. hnswlib's ``resize_index`` is never safe concurrently 
 queries, and ``add_items`` concurrent with ``knn_query`` on one index is not thread-safe
 (hnswlib README: ``add_items`` is "thread-safe with other add_items calls, but not with
 knn_query"; the maintainer confirmed it for 0.8 in nmslib/hnswlib#562), so each shard has a
-``threading.Lock`` held around every hnswlib call and every access to the vector copy and
-liveness array (the id list and id->label dict are only appended to, so ``label_of`` and
-``id_of`` read them without it). ``apply_pending`` sizes its ``add_items`` chunks from the measured cost per
-update so that one lock hold lasts about ``IndexParams.apply_hold_ms`` (an update costs
-~0.7 ms at 1M items, so a fixed chunk of 64 would block a query for ~45 ms), and yields
-between chunks. hnswlib releases the GIL inside ``add_items`` and
-``knn_query``, so a running apply does not stall the event loop itself. Applies, builds and
-saves are serialized by a separate lock; staging has its own lock and never waits for an
-apply.
+``threading.Lock`` held around every hnswlib call and every write (the id list and the
+id->label dict are only appended to and the liveness array is only replaced by a larger
+copy, so ``label_of`` and ``id_of`` read them without it). ``apply_pending`` sizes its
+``add_items`` chunks from the measured cost per update so that one lock hold lasts about
+``IndexParams.apply_hold_ms`` (an update costs ~0.7 ms at 1M items, so a fixed chunk of 64
+would block a query for ~45 ms), and yields between chunks. hnswlib releases the GIL inside
+``add_items`` and ``knn_query``, so a running apply does not stall the event loop itself.
+Applies, builds and saves are serialized by a separate lock; staging has its own lock and
+never waits for an apply.
 """
 
 from __future__ import annotations
