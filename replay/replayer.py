@@ -10,7 +10,7 @@ No broker, no RocksDB: states live in dicts. Per record it does what
 * ``item_upsert`` becomes a forward to the item stage directly (no user stage);
 * other events are grouped by user and applied with ``apply_user_batch``; the
   core's duplicates are counted (not DLQ'd) and its late events go to the DLQ as
-  ``late_event`` with the re-encoded event, as live;
+  ``late_event`` with the original bytes, as live;
 * a record at or below the user's stored offset guard is skipped as redelivered;
 * forwards are applied to items with ``apply_item_batch`` in source order
   (``position * 1024 + i``, the live numbering), and the item vectors of a batch
@@ -190,7 +190,6 @@ def _replay(
     first = res.first_touch
     dlq = res.dlq
     upsert = EventType.ITEM_UPSERT
-    encode = codec.encode
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         res.batches += 1
@@ -234,8 +233,8 @@ def _replay(
         for (uid, _, _), seq_of, (new, out) in zip(work, seqs, results, strict=True):
             new.offsets[topic] = max(chunk[s - start].offset for s in seq_of.values())
             res.duplicates += len(out.duplicates)
-            for late in out.late:
-                dlq.append((encode(late), LATE_REASON))
+            for late in out.late:  # the original bytes, as the live worker sends them
+                dlq.append((chunk[seq_of[late.event_id] - start].record.value, LATE_REASON))
             sub: dict[int, int] = defaultdict(int)
             for fw in out.forwards:
                 s = seq_of[fw.event_id]

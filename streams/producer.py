@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 
+#: the most event time one forward jump may add to a ``--speed`` schedule (1 hour)
+MAX_PACE_JUMP_US = 3_600 * 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One message to produce: key, raw value, and its event time (for pacing)."""
@@ -225,17 +229,27 @@ def produce_records(
     clock: Any = time.monotonic,
     sleep: Any = time.sleep,
 ) -> int:
-    """Produce ``records`` with optional pacing; returns how many were sent."""
+    """Produce ``records`` with optional pacing; returns how many were sent.
+
+    ``speed`` paces on event time: the schedule follows the highest event time seen so far
+    (an out-of-order record never waits), and one jump forward counts for at most
+    ``MAX_PACE_JUMP_US`` of event time, so an outlier dated decades ahead costs at most an
+    hour / speed of waiting instead of stalling the stream.
+    """
     sent = 0
     t0 = clock()
-    first_ts: int | None = None
+    high: int | None = None
+    virtual_us = 0
     for rec in records:
         if rate:
             due = t0 + sent / rate
         elif speed and rec.ts_us is not None:
-            if first_ts is None:
-                first_ts = rec.ts_us
-            due = t0 + (rec.ts_us - first_ts) / 1_000_000 / speed
+            if high is None:
+                high = rec.ts_us
+            elif rec.ts_us > high:
+                virtual_us += min(rec.ts_us - high, MAX_PACE_JUMP_US)
+                high = rec.ts_us
+            due = t0 + virtual_us / 1_000_000 / speed
         else:
             due = 0.0
         if due:

@@ -453,6 +453,7 @@ class StreamWorker:
         per_user: dict[str, list[tuple[int, Event]]] = defaultdict(list)
         forwards: list[tuple[int, Forward, int]] = []  # (seq, forward, record ts)
         rec_ts: dict[int, int] = {}
+        raw_at: dict[int, Message] = {}
         for m in batch:
             ts_ms = m.timestamp()[1]
             try:
@@ -462,6 +463,7 @@ class StreamWorker:
                 continue
             off = cast(int, m.offset())
             rec_ts[off] = ts_ms
+            raw_at[off] = m
             if ev.type is EventType.ITEM_UPSERT:
                 assert ev.item_id is not None
                 forwards.append(
@@ -492,7 +494,8 @@ class StreamWorker:
             new.offsets[topic] = max(off_of.values())
             self.stats.duplicates += len(out.duplicates)
             for late in out.late:
-                self._dlq_event(late, topic, shard.partition)
+                self._dlq(raw_at[off_of[late.event_id]], "late_event",
+                          "older than the user's newest event minus the allowed lateness")  # fmt: skip
             sub: dict[int, int] = defaultdict(int)
             for fw in out.forwards:
                 o = off_of[fw.event_id]
@@ -515,23 +518,6 @@ class StreamWorker:
         puts[off_key] = nxt
         self._produce(changelog, off_key, nxt, shard.partition)
         return puts
-
-    def _dlq_event(self, ev: Event, topic: str, partition: int) -> None:
-        assert self._producer is not None
-        self.stats.dlq += 1
-        self.stats.dlq_reasons["late_event"] += 1
-        headers = [
-            ("reason", b"late_event"),
-            ("detail", b"older than the user's newest event minus the allowed lateness"),
-            ("source", f"{topic}:{partition}".encode()),
-        ]
-        value = codec.encode(ev)
-        while True:
-            try:
-                self._producer.produce(self.settings.topics.dlq, value, (ev.user_id or "").encode(), headers=headers)  # type: ignore[arg-type]  # bytes header values are valid
-                return
-            except BufferError:
-                self._producer.poll(0.01)
 
     def _item_batch(
         self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]

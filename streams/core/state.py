@@ -405,16 +405,22 @@ def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight:
             del buckets[old]
 
 
-def _apply_item_features(new: ItemState, fw: Forward) -> None:
+def _apply_item_features(new: ItemState, fw: Forward) -> bool:
+    """Apply one forward's features; False when it changed nothing (a stale or repeated upsert)."""
+    if fw.type is EventType.ITEM_UPSERT:
+        # newest (event time, event id) wins; an upsert that is not newer - a redelivery of the
+        # current one, or an older one arriving late - changes nothing at all (idempotent)
+        key = (fw.ts_us, fw.event_id)
+        if new.upsert_key is not None and key <= new.upsert_key:
+            return False
+        new.version += 1
+        new.counts[TYPE_INDEX[fw.type]] += 1
+        new.upsert_key = key
+        new.eligible = fw.eligible
+        new.category = fw.category
+        return True
     new.version += 1
     new.counts[TYPE_INDEX[fw.type]] += 1
-    if fw.type is EventType.ITEM_UPSERT:
-        key = (fw.ts_us, fw.event_id)
-        if new.upsert_key is None or key > new.upsert_key:
-            new.upsert_key = key
-            new.eligible = fw.eligible
-            new.category = fw.category
-        return
     new.max_ts = max(new.max_ts, fw.ts_us)
     if fw.type is EventType.IMPRESSION:
         slots: tuple[int, ...] = (0,)
@@ -425,6 +431,7 @@ def _apply_item_features(new: ItemState, fw: Forward) -> None:
     for slot in slots:
         _bump(new.b5, fw.ts_us // B5_US, KEEP_B5, slot, 1)
         _bump(new.b60, fw.ts_us // B60_US, KEEP_B60, slot, 1)
+    return True
 
 
 def apply_item_batch(
@@ -440,7 +447,9 @@ def apply_item_batch(
         new = ItemState() if state is None else state.copy()
         mine: list[Forward] = []
         for fw in forwards:
-            _apply_item_features(new, fw)
+            applied = _apply_item_features(new, fw)
+            if not applied:
+                continue
             if fw.type is EventType.ITEM_UPSERT and fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
                 if mine:  # keep the order of vector writes: flush the steps before a bootstrap
                     _item_steps([new], [mine], cfg, [iid])

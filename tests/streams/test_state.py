@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from streams.core import serde
 from streams.core.state import (
     B60_US,
+    TYPE_INDEX,
     CoreConfig,
     Forward,
     apply_item_forwards,
@@ -149,3 +150,17 @@ def test_features_are_independent_of_arrival_order_and_duplicates(perm: list[int
     shuffled = [base[i] for i in perm] + [base[i] for i in dups]
     got, _ = apply_user_events(None, "u1", shuffled, CFG, items)
     assert serde.user_digest(got) == serde.user_digest(ref)
+
+
+def test_a_repeated_or_stale_item_upsert_changes_nothing() -> None:
+    vec = tuple(float(x) for x in range(CFG.dim))
+    up1 = Forward("i1", "u-1", EventType.ITEM_UPSERT, T0 + 1, eligible=True, category="old")
+    up2 = Forward("i1", "u-2", EventType.ITEM_UPSERT, T0 + 2, eligible=False, category="new", bootstrap=vec)
+    once = apply_item_forwards(None, "i1", [up1, up2], CFG)
+    again = apply_item_forwards(once, "i1", [up2, up1], CFG)  # a redelivery and a stale upsert
+    assert serde.item_digest(again) == serde.item_digest(once)
+    assert once.counts[TYPE_INDEX[EventType.ITEM_UPSERT]] == 2 and once.version == 2
+    assert once.vector is not None and again.vector is not None
+    assert np.array_equal(again.vector, once.vector)
+    stale_vector = Forward("i1", "u-0", EventType.ITEM_UPSERT, T0, bootstrap=tuple(0.0 for _ in range(CFG.dim)))
+    assert np.array_equal(apply_item_forwards(once, "i1", [stale_vector], CFG).vector, once.vector)  # type: ignore[arg-type]
