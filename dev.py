@@ -32,7 +32,7 @@ def _run(*cmd: str) -> None:
 
 def setup() -> None:
     """Create the virtualenv and install the project, unless it is up to date."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036  # dev.py runs on whatever python3 the machine has
         sys.exit(f"freshrec needs Python >= 3.11, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating virtualenv {VENV}", flush=True)
@@ -58,6 +58,11 @@ def main() -> int:
         return 0
     if cmd == "demo":
         return subprocess.call([str(BIN / "freshrec"), "demo", *rest], cwd=ROOT)
+    if not rest:  # the full check, as CI runs it: lint, types, then the tests
+        for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]):
+            print("+", " ".join(check), flush=True)
+            if subprocess.call([str(PY), "-m", *check], cwd=ROOT) != 0:
+                return 1
     return subprocess.call([str(PY), "-m", "pytest", *rest], cwd=ROOT)
 
 

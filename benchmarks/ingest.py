@@ -17,7 +17,8 @@ Phases, all against a fresh embedded Tansu broker on 127.0.0.1:
    expected counts of all events ever produced: lost / duplicated.
 
 Last line:
-``ingest: events_per_s=... raw_consumer_events_per_s=... ratio=... freshness_p50_ms=... freshness_p99_ms=... dlq=... lost=... duplicated=...``
+``ingest: events_per_s=... raw_consumer_events_per_s=... ratio=... freshness_p50_ms=... freshness_p99_ms=...
+dlq=... lost=... duplicated=...``
 """
 
 from __future__ import annotations
@@ -230,8 +231,9 @@ def main() -> None:
         time.sleep(0.2)
         s = worker.stats()
         f50, f99 = s["item_fresh_p50_ms"], s["item_fresh_p99_ms"]
+        u50, u99 = s["user_fresh_p50_ms"], s["user_fresh_p99_ms"]
         print(f"freshness at {target:,.0f} events/s: p50 {f50:.1f} ms p99 {f99:.1f} ms "
-              f"(user stage p50 {s['user_fresh_p50_ms']:.1f} p99 {s['user_fresh_p99_ms']:.1f})", flush=True)  # fmt: skip
+              f"(user stage p50 {u50:.1f} p99 {u99:.1f})", flush=True)  # fmt: skip
 
         # 5. SIGKILL mid-stream, restart, check nothing lost or doubled
         crash = list(synthetic_events(args.crash_events, args.users, args.items, seed=3,
