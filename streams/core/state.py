@@ -393,12 +393,14 @@ def apply_user_events(
 
 
 def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight: int) -> None:
+    counts = buckets.get(idx)
+    if counts is not None:  # fast path: an existing bucket is inside the window by construction
+        counts[slot] += weight
+        return
     top = max(buckets) if buckets else idx
     if idx < top - keep:
         return  # older than the retained window: order-independent, see module docs
-    counts = buckets.get(idx)
-    if counts is None:
-        counts = buckets[idx] = [0, 0, 0]
+    counts = buckets[idx] = [0, 0, 0]
     counts[slot] += weight
     if idx > top:
         for old in [k for k in buckets if k < idx - keep]:
