@@ -215,29 +215,28 @@ class LiveState:
             self.broker_error = str(exc)
 
     def _apply_item(self, item_id: str, value: bytes, partition: int, offset: int) -> None:
-        state = serde.decode_item(value)
         cat = self.catalog
         row = cat.row(item_id)
+        old_eligible = bool(cat.eligible[row]) if row >= 0 else None
+        old_vector = cat.vectors[row].copy() if row >= 0 else None
+        vector, eligible = cat.update_encoded(item_id, value)
         # most item updates (impressions, clicks without a vector step) leave the vector and the
         # eligibility as they were: only real changes may cost an index update (~1 ms each)
         changed = (
-            row < 0
-            or bool(cat.eligible[row]) != state.eligible
-            or state.vector is None
-            or not np.array_equal(cat.vectors[row], state.vector)
+            old_vector is None or old_eligible != eligible or vector is None or not np.array_equal(old_vector, vector)
         )
-        cat.update(item_id, state)
-        if state.max_ts > self.event_watermark_us:
-            self.event_watermark_us = state.max_ts
+        ts = int(cat.last_ts[cat.row(item_id)])
+        if ts > self.event_watermark_us:
+            self.event_watermark_us = ts
         if offset < self.index_watermark.get(partition, 0):
             self.snapshot_skipped += 1
             return  # already in the loaded index snapshot
         if not changed:
             return
-        if state.vector is None or not state.eligible:
+        if vector is None or not eligible:
             self.sink.remove(item_id)
         else:
-            self.sink.upsert(item_id, state.vector)
+            self.sink.upsert(item_id, vector)
 
     def provenance(self) -> dict[str, Any]:
         """The replica's part of a response's provenance."""

@@ -23,6 +23,7 @@ from streams.errors import StoreError
 from streams.events import EventType
 
 __all__ = [
+    "item_summary",
     "encode_user",
     "decode_user",
     "encode_item",
@@ -54,6 +55,22 @@ def _unpack(data: bytes) -> tuple[Vec | None, Any]:
     end = _HEAD.size + 4 * dim
     vector = np.frombuffer(data, dtype="<f4", count=dim, offset=_HEAD.size).copy() if dim else None
     return vector, orjson.loads(data[end:])
+
+
+def item_summary(data: bytes) -> tuple[Vec | None, list[Any]]:
+    """An encoded item state's vector (a read-only view) and raw body list, without building an ItemState.
+
+    Body layout (see :func:`encode_item`): ``[counts, b5_rows, b60_rows, max_ts, eligible, category,
+    steps, version, offsets, upsert_key]`` with bucket rows ``[index, impressions, clicks, positives]``.
+    For readers that need a few fields of many items fast (the serving catalog).
+    """
+    fmt, dim = _HEAD.unpack_from(data)
+    if fmt != FORMAT:
+        raise StoreError(f"unknown state format {fmt}; this build reads format {FORMAT}")
+    end = _HEAD.size + 4 * dim
+    vector = np.frombuffer(data, dtype="<f4", count=dim, offset=_HEAD.size) if dim else None
+    body: list[Any] = orjson.loads(data[end:])
+    return vector, body
 
 
 def vector_of(data: bytes) -> Vec | None:
