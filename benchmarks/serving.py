@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--freshness-trials", type=int, default=40)
-    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--M", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200)
     ap.add_argument("--ef", type=int, default=200)
     ap.add_argument("--rerank", type=int, default=0)

@@ -20,7 +20,7 @@ class IndexSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    M: int = Field(16, ge=4, le=128)
+    M: int = Field(32, ge=4, le=128)
     ef_construction: int = Field(200, ge=10, le=2000)
     ef: int = Field(200, ge=10, le=5000)
     #: fetch this many HNSW candidates per shard and re-rank them exactly (0 = off)
