@@ -66,10 +66,13 @@ from streams.core.state import B60_US, ItemState, UserState  # noqa: E402
 HOST = "127.0.0.1"
 
 
-def clustered(n: int, dim: int, seed: int, centers: int = 64) -> npt.NDArray[np.float32]:
-    """Embedding-like vectors: Gaussian clusters around random centers (seeded)."""
+def clustered(n: int, dim: int, seed: int, centers: int = 64, centers_seed: int = 0) -> npt.NDArray[np.float32]:
+    """Embedding-like vectors: Gaussian clusters around random centers (``centers_seed``), members by ``seed``.
+
+    Items, users and recall queries share the centers (users like items of the same tastes).
+    """
+    c = np.random.default_rng(centers_seed).standard_normal((centers, dim)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    c = rng.standard_normal((centers, dim)).astype(np.float32)
     which = rng.integers(0, centers, n)
     out = c[which] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
     out /= np.float32(np.sqrt(dim))
@@ -131,7 +134,7 @@ def publish_state(settings: Settings, items: int, users: int, dim: int, seed: in
 def index_snapshot(cache: Path, params: IndexParams, partitions: int, items: int, seed: int,
                    watermark: dict[int, int]) -> tuple[Path, float | None]:  # fmt: skip
     """The cached index snapshot of the catalog (built when missing). Returns (dir, build seconds)."""
-    d = cache / f"serving-{items}x{params.dim}-p{partitions}-M{params.M}-efc{params.ef_construction}-s{seed}"
+    d = cache / f"serving-v2-{items}x{params.dim}-p{partitions}-M{params.M}-efc{params.ef_construction}-s{seed}"
     if (d / "manifest.json").exists():
         return d, None
     log(f"building the index snapshot ({items} x {params.dim}); cached for later runs in {d}")
@@ -148,6 +151,7 @@ def index_snapshot(cache: Path, params: IndexParams, partitions: int, items: int
 def ann_recall(snapshot: Path, ef: int, rerank: int, items: int, dim: int, seed: int, queries: int = 200) -> float:
     """Recall@100 of the snapshot index vs exact top-100, user-like queries."""
     index = ShardedIndex.load(snapshot, ef=ef, rerank=rerank)
+    index.set_query_threads(2)
     vecs = clustered(items, dim, seed)
     qs = clustered(queries, dim, seed + 99)
     hits = 0
@@ -227,7 +231,7 @@ def main() -> None:
     ap.add_argument("--freshness-trials", type=int, default=40)
     ap.add_argument("--M", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200)
-    ap.add_argument("--ef", type=int, default=200)
+    ap.add_argument("--ef", type=int, default=400)
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(ROOT / ".freshrec" / "bench-cache"))

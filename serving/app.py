@@ -141,6 +141,7 @@ class Runtime:
             log.info("index snapshot loaded: %d items, watermark %s", self.index.size, watermark)
         if self.index is None:
             self.index = ShardedIndex(params, settings.partitions)
+        self.index.set_query_threads(ix.query_threads)
         self.state = LiveState(settings, self.catalog, self.index, index_watermark=watermark)
         self.ranker = BlendRanker(self.catalog, opts.rank, opts.model_version)
         self.recommender = rec.Recommender(opts, self.state, self.catalog, self.index, self.ranker)

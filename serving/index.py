@@ -68,11 +68,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -582,6 +584,34 @@ class ShardedIndex:
         self._version = 0
         #: watermark of the snapshot this index was loaded from (empty when built)
         self.watermark: dict[int, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        #: ask every shard for the full k (see :meth:`shard_k`)
+        self.shard_k_exact = False
+
+    def shard_k(self, k: int, shards: int) -> int:
+        """How many results to ask each of ``shards`` shards for, for a global top-``k``.
+
+        Items are spread over shards by a hash of their id, independently of their vectors, so
+        the number of the global top-``k`` held by one shard is Binomial(k, 1/shards): asking each
+        shard for ``2k/shards + 10`` (at most ``k``) misses a global top-``k`` item only when one
+        shard holds more than that many, which for k=100 over 4 shards is a > 5-sigma event.
+        With ``shard_k_exact`` every shard returns ``k``.
+        """
+        if shards <= 1 or self.shard_k_exact:
+            return k
+        return min(k, math.ceil(2 * k / shards) + 10)
+
+    def set_query_threads(self, threads: int) -> None:
+        """Search the shards of one query on ``threads`` threads (1 = one after another).
+
+        hnswlib releases the GIL while it searches, so on a multi-core host the shards of one
+        request are searched in parallel while the calling thread waits.
+        """
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        if threads > 1 and self.partitions > 1:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="freshrec-ann")
 
     # -- introspection -------------------------------------------------------------------
 
@@ -783,13 +813,21 @@ class ShardedIndex:
         label_parts: list[Labels] = []
         score_parts: list[Vec] = []
         shard_parts: list[npt.NDArray[np.int32]] = []
-        for p, shard in enumerate(self.shards):
-            if len(shard) == 0:
-                continue
+
+        live = [(p, shard) for p, shard in enumerate(self.shards) if len(shard)]
+        k_shard = self.shard_k(k, len(live))
+
+        def one(shard: HnswShard) -> tuple[Labels, Vec]:
             # only excluded ids live in this shard can take a slot in its answer
             excl = [lab for lab in (shard.label_of(e) for e in exclude) if lab is not None] if exclude else []
-            need = k + (len(excl) + _MARGIN if excl else 0)
-            labels, scores = shard.query_labels(q, need, candidates=self.params.rerank or None, exclude=excl)
+            need = k_shard + (len(excl) + _MARGIN if excl else 0)
+            return shard.query_labels(q, need, candidates=self.params.rerank or None, exclude=excl)
+
+        if self._pool is not None and len(live) > 1:
+            results = list(self._pool.map(one, [shard for _, shard in live]))
+        else:
+            results = [one(shard) for _, shard in live]
+        for (p, _), (labels, scores) in zip(live, results, strict=True):
             label_parts.append(labels)
             score_parts.append(scores)
             shard_parts.append(np.full(labels.shape, p, dtype=np.int32))

@@ -22,7 +22,7 @@ class IndexSettings(BaseModel):
 
     M: int = Field(32, ge=4, le=128)
     ef_construction: int = Field(200, ge=10, le=2000)
-    ef: int = Field(200, ge=10, le=5000)
+    ef: int = Field(400, ge=10, le=5000)
     #: fetch this many HNSW candidates per shard and re-rank them exactly (0 = off)
     rerank: int = Field(0, ge=0, le=5000)
     #: directory of index snapshots (None = build from the replica at every start)
@@ -34,6 +34,8 @@ class IndexSettings(BaseModel):
     #: at most this many changes per apply round (one hnswlib update costs ~1 ms)
     apply_max: int = Field(2000, ge=1)
     threads: int = Field(2, ge=1, le=64)
+    #: search the shards of one request on this many threads (hnswlib releases the GIL)
+    query_threads: int = Field(2, ge=1, le=64)
 
 
 class RankSettings(BaseModel):
