@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
 import numpy.typing as npt
@@ -77,8 +78,7 @@ class ItemCatalog:
 
     def rows(self, item_ids: Sequence[str]) -> npt.NDArray[np.intp]:
         """Dense rows of ``item_ids`` (-1 for unknown ones)."""
-        get = self._rows.get
-        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.intp, count=len(item_ids))
+        return np.array(list(map(self._rows.get, item_ids, repeat(-1))), dtype=np.intp)
 
     def _grow(self) -> None:
         n = len(self.eligible) * 2

@@ -6,8 +6,9 @@ live state, the index and the ranker passed in, so tests can drive it without HT
 Candidate sources, in priority order (a candidate found by two sources keeps the first):
 
 1. ``ann``: HNSW top-N on the user's vector (skipped for users without one);
-2. ``i2i``: HNSW top-N on the vector of the request's ``item_id`` and on the mean vector of
-   the user's most recent items (both in the same scatter-gather as ``ann``);
+2. ``i2i``: HNSW top-N on the vector of the request's ``item_id``, and on the mean vector of
+   the user's most recent items when the user has no vector yet (or ``i2i_recent_with_vector``);
+   all in the same scatter-gather as ``ann``;
 3. ``trending``: the catalog's decayed-popularity list, which is also the whole answer for
    an unknown user (the response is then flagged ``fallback``).
 
@@ -153,8 +154,10 @@ class Recommender:
         i2i_queries = []
         if req.item_id is not None and (r := cat.row(req.item_id)) >= 0:
             i2i_queries.append(cat.vectors[r])
+        # the user vector is trained on exactly these recent items, so with a vector their mean
+        # adds little beyond ANN and would double the HNSW work (docs/SERVING.md, measured)
         recent_rows = [r for r in (cat.row(sd) for sd in seeds if sd != req.item_id) if r >= 0]
-        if recent_rows:
+        if recent_rows and (uvec is None or opts.i2i_recent_with_vector):
             i2i_queries.append(cat.vectors[recent_rows].mean(axis=0))
         queries = ([uvec] if uvec is not None else []) + i2i_queries
         if queries:

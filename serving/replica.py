@@ -66,7 +66,7 @@ class LiveState:
         self.index_watermark = dict(index_watermark or {})
         #: next offset per (topic, partition)
         self.positions: dict[tuple[str, int], int] = {}
-        #: newest event time seen in any state (microseconds)
+        #: newest event time seen in any item state (microseconds): every event reaches an item
         self.event_watermark_us = 0
         self.last_record_at: float | None = None
         self.records = 0
@@ -173,6 +173,8 @@ class LiveState:
         while not self._stop.is_set():
             msgs = consumer.consume(_BATCH, 0.05)
             got = 0
+            # a popular item changes several times per fetched batch: apply only its last record
+            items: dict[bytes, tuple[bytes, int, int]] = {}
             for m in msgs:
                 err = m.error()
                 if err is not None:
@@ -189,12 +191,11 @@ class LiveState:
                 if value is None:
                     continue
                 if topic == user_topic:
-                    self.users[key.decode()] = value
-                    ts = serde.decode_user(value).max_ts
-                    if ts > self.event_watermark_us:
-                        self.event_watermark_us = ts
+                    self.users[key.decode()] = value  # decoded per request, one user at a time
                 elif topic == item_topic:
-                    self._apply_item(key.decode(), value, partition, offset)
+                    items[key] = (value, partition, offset)
+            for key, (value, partition, offset) in items.items():
+                self._apply_item(key.decode(), value, partition, offset)
             if got:
                 self.records += got
                 self.last_record_at = self.clock()

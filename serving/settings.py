@@ -61,11 +61,13 @@ class ServingOptions(BaseModel):
     default_k: int = Field(20, ge=1)
     max_k: int = Field(200, ge=1, le=1000)
     #: candidates requested per source
-    ann_candidates: int = Field(100, ge=1, le=5000)
-    i2i_candidates: int = Field(50, ge=1, le=1000)
+    ann_candidates: int = Field(50, ge=1, le=5000)
+    i2i_candidates: int = Field(30, ge=1, le=1000)
     #: recent items used as item-to-item seeds
     i2i_seeds: int = Field(5, ge=0, le=50)
-    trending_candidates: int = Field(100, ge=1, le=5000)
+    #: also query the mean of the recent items for users who have a vector (one more HNSW query)
+    i2i_recent_with_vector: bool = False
+    trending_candidates: int = Field(50, ge=1, le=5000)
     #: recompute the trending list at this cadence (seconds)
     trending_interval_s: float = Field(1.0, gt=0)
     #: log served slates to the impressions topic
