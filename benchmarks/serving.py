@@ -229,9 +229,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--freshness-trials", type=int, default=40)
-    ap.add_argument("--M", type=int, default=32)
+    ap.add_argument("--M", type=int, default=48)
     ap.add_argument("--ef-construction", type=int, default=200)
-    ap.add_argument("--ef", type=int, default=400)
+    ap.add_argument("--ef", type=int, default=64)
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(ROOT / ".freshrec" / "bench-cache"))
@@ -293,6 +293,9 @@ def main() -> None:
             await closed_loop(HOST, api_port, api_path, args.concurrency, 3)  # warm-up
             api_max = await closed_loop(HOST, api_port, api_path, args.concurrency, args.duration)
             api_rate = await open_loop(HOST, api_port, api_path, args.rate, args.duration)
+            api_half = await open_loop(HOST, api_port, api_path, args.rate / 2, args.duration)
+            log(f"api @rate/2: {api_half.qps:.0f} req/s p50 {api_half.pct_ms(50):.2f} ms "
+                f"p99 {api_half.pct_ms(99):.2f} ms errors {api_half.errors()}")  # fmt: skip
             producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0, "log_level": 3})
             fresh: list[float] = []
             await asyncio.gather(

@@ -20,9 +20,9 @@ class IndexSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    M: int = Field(32, ge=4, le=128)
+    M: int = Field(48, ge=4, le=128)
     ef_construction: int = Field(200, ge=10, le=2000)
-    ef: int = Field(400, ge=10, le=5000)
+    ef: int = Field(64, ge=10, le=5000)
     #: fetch this many HNSW candidates per shard and re-rank them exactly (0 = off)
     rerank: int = Field(0, ge=0, le=5000)
     #: directory of index snapshots (None = build from the replica at every start)
@@ -35,7 +35,7 @@ class IndexSettings(BaseModel):
     apply_max: int = Field(2000, ge=1)
     threads: int = Field(2, ge=1, le=64)
     #: search the shards of one request on this many threads (hnswlib releases the GIL)
-    query_threads: int = Field(2, ge=1, le=64)
+    query_threads: int = Field(1, ge=1, le=64)
 
 
 class RankSettings(BaseModel):
