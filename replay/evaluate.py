@@ -316,7 +316,7 @@ def train_als(
     if backend != "implicit":
         raise ValueError(f"unknown ALS backend {backend!r} (implicit, numpy or auto)")
     from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, "blas"):  # implicit warns (and slows down) with a threaded BLAS
         model = AlternatingLeastSquares(
