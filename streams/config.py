@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     topics: Topics = Topics()
     model: ModelSettings = ModelSettings()
     batch_size: int = Field(5000, ge=1)
-    poll_timeout_s: float = Field(0.02, gt=0)
+    poll_timeout_s: float = Field(0.005, gt=0)
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
     stats_path: str | None = None
