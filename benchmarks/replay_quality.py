@@ -169,15 +169,7 @@ def _parity() -> str:
                 partitions=3,
                 data_dir=str(Path(tmp) / "data"),
                 group_id=f"quality-{tag}",
-                topics=Topics(
-                    events=f"events-{tag}",
-                    impressions=f"impressions-{tag}",
-                    by_item=f"by-item-{tag}",
-                    dlq=f"dlq-{tag}",
-                    user_changelog=f"user-cl-{tag}",
-                    item_changelog=f"item-cl-{tag}",
-                    meta=f"meta-{tag}",
-                ),
+                topics=Topics.tagged(tag),
             )
             t0 = time.perf_counter()
             report = check_parity(GOLDEN, settings, timeout_s=120)

@@ -25,7 +25,7 @@ from replay.replayer import ReplayResult, replay_records
 from replay.snapshot import Snapshot, VectorTolerance, VerifyReport, compare, load_live_snapshot, snapshot_from_result
 from streams.codec import MAX_FUTURE_US
 from streams.config import Settings
-from streams.producer import Record
+from streams.producer import Record, event_time_of
 from streams.store import shard_path
 
 __all__ = ["ParityReport", "check_parity", "event_time_us", "read_dlq", "to_produce_records"]
@@ -79,22 +79,11 @@ class ParityReport:
 
 def event_time_us(value: bytes) -> int | None:
     """The ``event_time`` of a raw event in microseconds, or None (for pacing; no validation)."""
-    from datetime import datetime
-
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError:
         return None
-    raw = obj.get("event_time") if isinstance(obj, dict) else None
-    if not isinstance(raw, str):
-        return None
-    try:
-        dt = datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        return None
-    return int(dt.timestamp() * 1_000_000)
+    return event_time_of(obj)
 
 
 def to_produce_records(records: Iterable[LogRecord]) -> Iterator[Record]:

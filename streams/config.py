@@ -27,6 +27,19 @@ class Topics(BaseModel):
     item_changelog: str = "freshrec.item-state.changelog"
     meta: str = "freshrec.meta"
 
+    @classmethod
+    def tagged(cls, tag: str) -> Topics:
+        """A private set of topics (``events-<tag>``, ...): tests and benchmarks never share state."""
+        return cls(
+            events=f"events-{tag}",
+            impressions=f"impressions-{tag}",
+            by_item=f"by-item-{tag}",
+            dlq=f"dlq-{tag}",
+            user_changelog=f"user-cl-{tag}",
+            item_changelog=f"item-cl-{tag}",
+            meta=f"meta-{tag}",
+        )
+
 
 class ModelSettings(BaseModel):
     """Hyperparameters of the online state logic (mirrors :class:`CoreConfig`)."""

@@ -37,6 +37,7 @@ from streams.errors import FreshrecError
 
 __all__ = [
     "Record",
+    "event_time_of",
     "read_jsonl",
     "read_csv",
     "read_movielens",
@@ -65,7 +66,8 @@ def _iso(ts_us: int) -> str:
     return datetime.fromtimestamp(ts_us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _ts_of(obj: Any) -> int | None:
+def event_time_of(obj: Any) -> int | None:
+    """The ``event_time`` of a decoded JSON event in microseconds, or None (for pacing; no validation)."""
     raw = obj.get("event_time") if isinstance(obj, dict) else None
     if not isinstance(raw, str):
         return None
@@ -96,7 +98,7 @@ def read_jsonl(path: str | Path) -> Iterator[Record]:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError:
                 obj = None
-            yield Record(_key_of(obj), line, _ts_of(obj))
+            yield Record(_key_of(obj), line, event_time_of(obj))
 
 
 _CTX = ("surface", "session_id", "device", "position")
@@ -124,7 +126,7 @@ def read_csv(path: str | Path) -> Iterator[Record]:
                 ctx["position"] = int(ctx["position"])
             if ctx:
                 obj["context"] = ctx
-            yield Record(_key_of(obj), orjson.dumps(obj), _ts_of(obj))
+            yield Record(_key_of(obj), orjson.dumps(obj), event_time_of(obj))
 
 
 def read_movielens(path: str | Path) -> Iterator[Record]:

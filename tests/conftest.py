@@ -24,15 +24,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 def live_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings for one test: its own topic names and group, so tests never share state."""
     tag = uuid.uuid4().hex[:8]
-    topics = Topics(
-        events=f"events-{tag}",
-        impressions=f"impressions-{tag}",
-        by_item=f"by-item-{tag}",
-        dlq=f"dlq-{tag}",
-        user_changelog=f"user-cl-{tag}",
-        item_changelog=f"item-cl-{tag}",
-        meta=f"meta-{tag}",
-    )
+    topics = Topics.tagged(tag)
     return Settings(
         bootstrap_servers=broker.bootstrap,
         partitions=3,
