@@ -35,16 +35,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from replay._apply import apply_batch
 from replay.metrics import MetricCI, bootstrap_ci, hit_rate_at_k, ndcg_at_k, recall_at_k
-from streams.core.state import (
-    CoreConfig,
-    Forward,
-    ItemState,
-    UserState,
-    apply_item_batch,
-    apply_user_batch,
-    init_vector,
-)
+from streams.core.state import CoreConfig, ItemState, UserState, init_vector
 from streams.core.vectors import ItemReplica
 from streams.events import POSITIVE_WEIGHTS, Event
 
@@ -197,27 +190,7 @@ class OnlineLearner:
 
     def learn(self, events: Sequence[Event]) -> None:
         """Apply one batch of events (arrival order): user stage, then item stage, then the replica."""
-        by_user: dict[str, list[Event]] = defaultdict(list)
-        upserts: list[Event] = []
-        for ev in events:
-            if ev.user_id is None:
-                upserts.append(ev)
-            else:
-                by_user[ev.user_id].append(ev)
-        batch = [(uid, self.users.get(uid), evs) for uid, evs in by_user.items()]
-        by_item: dict[str, list[Forward]] = defaultdict(list)
-        for ev in upserts:
-            assert ev.item_id is not None  # the codec requires it for item_upsert
-            by_item[ev.item_id].append(
-                Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector)
-            )
-        for (uid, _, _), (ustate, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
-            self.users[uid] = ustate
-            for fw in out.forwards:
-                by_item[fw.item_id].append(fw)
-        item_batch = [(iid, self.items.get(iid), fws) for iid, fws in by_item.items()]
-        for (iid, _, _), istate in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
-            self.items[iid] = istate
+        for iid, _, istate in apply_batch(events, self.cfg, self.users, self.items, self.replica):
             if istate.vector is not None and self.replica.knows(iid):
                 self.replica.put(iid, istate.vector)
 

@@ -34,15 +34,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from replay._apply import apply_batch
 from streams.codec import decode
 from streams.core.state import (
     TYPE_INDEX,
     CoreConfig,
-    Forward,
     ItemState,
     UserState,
-    apply_item_batch,
-    apply_user_batch,
     item_features,
     user_features,
 )
@@ -256,25 +254,7 @@ class _States:
 
     def apply(self, events: Sequence[Event]) -> None:
         """Apply one batch of events: user stage, then the item stage on its forwards."""
-        by_user: dict[str, list[Event]] = defaultdict(list)
-        by_item: dict[str, list[Forward]] = defaultdict(list)
-        for ev in events:
-            if ev.user_id is not None:
-                by_user[ev.user_id].append(ev)
-            elif ev.item_id is not None:  # item_upsert
-                by_item[ev.item_id].append(
-                    Forward(
-                        ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector
-                    )
-                )
-        batch = [(uid, self.users.get(uid), evs) for uid, evs in by_user.items()]
-        for (uid, _, _), (ustate, out) in zip(batch, apply_user_batch(batch, self.cfg, self.replica), strict=True):
-            self.users[uid] = ustate
-            for fw in out.forwards:
-                by_item[fw.item_id].append(fw)
-        item_batch = [(iid, self.items.get(iid), fws) for iid, fws in by_item.items()]
-        for (iid, _, fws), istate in zip(item_batch, apply_item_batch(item_batch, self.cfg), strict=True):
-            self.items[iid] = istate
+        for iid, fws, istate in apply_batch(events, self.cfg, self.users, self.items, self.replica):
             self.item_ts[iid] = max(self.item_ts.get(iid, fws[0].ts_us), *(fw.ts_us for fw in fws))
             if istate.vector is not None:
                 self.replica.put(iid, istate.vector)
