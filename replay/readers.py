@@ -64,7 +64,8 @@ class LogRecord(NamedTuple):
 
 
 def _key_of(obj: Any) -> bytes | None:
-    # mirrors streams.producer: key = user_id, or item_id for keyless (item_upsert) events
+    # mirrors streams.producer: key = user_id, or item_id for keyless (item_upsert) events; but
+    # an empty id is no key here (partition 0), where the producer sends the empty key b""
     if not isinstance(obj, dict):
         return None
     key = obj.get("user_id") or obj.get("item_id")
@@ -102,16 +103,11 @@ def _open_binary(path: str | Path) -> Any:
 
 def read_jsonl_log(path: str | Path, partitions: int = 4) -> Iterator[LogRecord]:
     """Records of a JSONL file, one raw event per non-blank line (malformed lines included)."""
+    from streams.producer import jsonl_lines  # not at the top: it pulls in numpy and pydantic
+
     numberer = _Numberer(partitions)
     with _open_binary(path) as fh:
-        for line in fh:
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                obj = None
+        for line, obj in jsonl_lines(fh):
             yield numberer.record(_key_of(obj), line)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from streams.errors import FreshrecError
 __all__ = [
     "Record",
     "event_time_of",
+    "jsonl_lines",
     "read_jsonl",
     "read_csv",
     "read_movielens",
@@ -87,17 +88,27 @@ def _key_of(obj: Any) -> bytes | None:
     return key.encode() if isinstance(key, str) else None
 
 
+def jsonl_lines(fh: Iterable[bytes]) -> Iterator[tuple[bytes, Any]]:
+    """``(line, decoded JSON or None)`` for each non-blank line of a binary JSONL stream.
+
+    The line keeps everything but its line ending, so a malformed one is passed on verbatim.
+    Shared with :func:`replay.readers.read_jsonl_log`, which must see the lines this sends.
+    """
+    for line in fh:
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            obj = None
+        yield line, obj
+
+
 def read_jsonl(path: str | Path) -> Iterator[Record]:
     """Lines of a JSONL file, sent verbatim (malformed lines included, for the DLQ)."""
     with open(path, "rb") as fh:
-        for line in fh:
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                obj = None
+        for line, obj in jsonl_lines(fh):
             yield Record(_key_of(obj), line, event_time_of(obj))
 
 

@@ -25,6 +25,7 @@ from streams import codec
 from streams.config import Settings
 from streams.core.partition import partition_for
 from streams.errors import FreshrecError
+from streams.producer import read_jsonl
 
 PARTS = 3
 # (user, movie, unix seconds): written in this order, read back in (timestamp, movie_id) order
@@ -116,6 +117,19 @@ def test_jsonl_bad_lines_are_still_records(tmp_path: Path) -> None:
     assert [r.value for r in records] == [b"{nope", good, b"[1, 2]"]  # blank lines skipped, CRLF stripped
     assert [r.key for r in records] == [None, b"u1", None]
     assert records[0].partition == 0 and records[2].partition == 0  # keyless records: partition 0
+
+
+def test_jsonl_reads_the_lines_the_producer_sends_but_an_empty_id_is_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    good = orjson.dumps(_event("u1", "i1", 5))
+    empty = orjson.dumps({**_event("u1", "i1", 6), "user_id": "", "item_id": ""})
+    path.write_bytes(b"{nope\n\n" + good + b"\r\n" + empty + b"\n   \n")
+    records = list(read_jsonl_log(path, PARTS))
+    sent = list(read_jsonl(path))
+    assert [r.value for r in records] == [s.value for s in sent] == [b"{nope", good, empty]
+    assert [r.key for r in records] == [None, b"u1", None]  # an empty id is no key: partition 0
+    assert records[2].partition == 0
+    assert [s.key for s in sent] == [None, b"u1", b""]  # the producer sends the empty key as is
 
 
 def test_item_upsert_is_keyed_by_item(tmp_path: Path) -> None:
