@@ -19,14 +19,24 @@ Wire format (one JSON object)::
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from streams.errors import InvalidEvent
 from streams.events import SCHEMA_VERSION, Context, Event, EventType, datetime_to_ts, ts_to_datetime
 
-__all__ = ["REASONS", "MAX_EVENT_BYTES", "MAX_FUTURE_US", "decode", "encode", "to_dict", "from_dict"]
+__all__ = [
+    "REASONS",
+    "MAX_EVENT_BYTES",
+    "MAX_FUTURE_US",
+    "decode",
+    "decode_strict",
+    "encode",
+    "to_dict",
+    "from_dict",
+]
 
 #: Every reason ``decode`` can give, for DLQ consumers and metrics labels.
 REASONS = (
@@ -186,8 +196,12 @@ def from_dict(obj: Any, ref_us: int | None = None) -> Event:
     )
 
 
-def decode(data: bytes, ref_us: int | None = None) -> Event:
-    """Parse and validate one event. Raises :class:`InvalidEvent` on any problem."""
+def decode_strict(data: bytes, ref_us: int | None = None) -> Event:
+    """The reference decoder: orjson + :func:`from_dict`. Slower than :func:`decode`, same results.
+
+    It gives every rejection its reason; :func:`decode` falls back to it whenever its
+    fast path does not accept an event outright.
+    """
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversized", f"event is {len(data)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
@@ -195,6 +209,102 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent("bad_json", f"not valid JSON: {exc}") from exc
     return from_dict(obj, ref_us)
+
+
+# -- the fast path -------------------------------------------------------------------------
+# msgspec parses and type-checks a well-formed event in one C call (~1.5 us against ~9 us for
+# orjson + from_dict). It is deliberately *at least as strict* as from_dict: whatever it does
+# not accept outright (a wrong type, a constraint, a field that matters only for another event
+# type, an integer orjson would read as a float) goes to decode_strict, which then accepts it or
+# names the reason. A property test checks that both decoders agree on arbitrary input.
+_I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the strict path
+_FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+
+
+class _FastContext(msgspec.Struct):
+    surface: str | None = None
+    session_id: str | None = None
+    device: str | None = None
+    position: Annotated[int, msgspec.Meta(ge=0, le=_I64)] | None = None
+
+
+class _FastEvent(msgspec.Struct):
+    event_id: _FastId
+    type: EventType
+    event_time: str
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
+    user_id: _FastId | None = None
+    item_id: _FastId | None = None
+    context: _FastContext | None = None
+    items: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)] | None = None
+    request_id: str | None = None
+    propensity: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    eligible: bool = True
+    category: str | None = None
+    vector: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_VECTOR)] | None = None
+
+
+_FAST = msgspec.json.Decoder(_FastEvent)
+_IMPRESSION = EventType.IMPRESSION
+_UPSERT = EventType.ITEM_UPSERT
+
+
+def _fast(data: bytes, ref_us: int | None) -> Event | None:
+    """The event if the fast path accepts ``data`` outright, else None (ask decode_strict)."""
+    if not data.isascii():
+        try:  # msgspec skips unknown keys without checking their UTF-8; orjson rejects them
+            data.decode()
+        except UnicodeDecodeError:
+            return None
+    try:
+        w = _FAST.decode(data)
+    except (msgspec.MsgspecError, ValueError):  # ValueError: e.g. invalid UTF-8 inside a string
+        return None
+    etype = w.type
+    if w.user_id is None and etype in _NEEDS_USER:
+        return None
+    if w.item_id is None and etype in _NEEDS_ITEM:
+        return None
+    try:
+        dt = datetime.fromisoformat(w.event_time)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return None
+    ts_us = datetime_to_ts(dt)
+    if ref_us is not None and ts_us > ref_us + MAX_FUTURE_US:
+        return None
+    items: tuple[str, ...] = ()
+    propensity = None
+    eligible = True
+    vector = None
+    if etype is _IMPRESSION:
+        if w.items is None or len(w.items) > MAX_SLATE:
+            return None
+        items = tuple(w.items)
+        propensity = w.propensity
+    elif etype is _UPSERT:
+        eligible = w.eligible
+        if w.vector is not None:
+            vector = tuple(w.vector)
+    c = w.context
+    ctx = _NO_CONTEXT if c is None else Context(c.surface, c.session_id, c.device, c.position)
+    return Event(
+        w.event_id, etype, ts_us, w.user_id, w.item_id, w.schema_version, ctx, items,
+        w.request_id, propensity, eligible, w.category, vector,
+    )  # fmt: skip
+
+
+def decode(data: bytes, ref_us: int | None = None) -> Event:
+    """Parse and validate one event. Raises :class:`InvalidEvent` on any problem.
+
+    ``ref_us`` is the reference time of the future check (None skips it).
+    """
+    if len(data) <= MAX_EVENT_BYTES:
+        ev = _fast(data, ref_us)
+        if ev is not None:
+            return ev
+    return decode_strict(data, ref_us)
 
 
 def _iso(ts_us: int) -> str:

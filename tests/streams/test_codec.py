@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given
@@ -87,3 +89,84 @@ def test_future_timestamp_is_relative_to_the_record_time() -> None:
     event_us = 1_795_341_600_000_000
     assert _reason(raw, ref_us=event_us - codec.MAX_FUTURE_US - 1) == "future_timestamp"
     assert codec.decode(raw, ref_us=event_us - codec.MAX_FUTURE_US).user_id == "u1"
+
+
+# -- the fast path agrees with the strict decoder on arbitrary input -------------------------
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=300)
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_times = st.sampled_from(
+    ["2026-11-22T10:00:00Z", "2026-11-22T10:00:00.250+02:00", "2026-11-22T10:00:00", "2026-11-22",
+     "2026-13-01T00:00:00Z", "2030-01-01T00:00:00Z", "20261122T100000Z", "x"]
+)  # fmt: skip
+_FIELDS = {
+    "event_id": ids | _json_values,
+    "type": st.sampled_from([t.value for t in EventType]) | _json_values,
+    "event_time": _times | _json_values,
+    "schema_version": st.sampled_from([1, 2, 0, 1.0, True]) | _json_values,
+    "user_id": ids | _json_values,
+    "item_id": ids | st.just("x" * 257) | _json_values,
+    "items": st.lists(ids, max_size=3) | _json_values,
+    "propensity": st.floats(-1, 2) | _json_values,
+    "eligible": st.booleans() | _json_values,
+    "vector": st.lists(st.floats(-1e3, 1e3) | st.integers(-(2**65), 2**65), max_size=4) | _json_values,
+    "category": opt | _json_values,
+    "request_id": opt | _json_values,
+    "context": st.fixed_dictionaries(
+        {}, optional={"surface": opt | _json_values, "position": st.integers(-2, 2**65) | _json_values}
+    )
+    | _json_values,
+}
+
+
+@st.composite
+def raw_objects(draw: st.DrawFn) -> bytes:
+    obj: dict[str, object] = {}
+    for name, strategy in _FIELDS.items():
+        if draw(st.integers(0, 9)) < 8:  # mostly present, sometimes missing
+            obj[name] = draw(strategy)
+    return json.dumps(obj).encode()  # the stdlib writes integers of any size
+
+
+def _outcome(fn: object, raw: bytes, ref_us: int | None) -> object:
+    try:
+        return fn(raw, ref_us)  # type: ignore[operator]
+    except InvalidEvent as exc:
+        return exc.reason
+
+
+@given(raw_objects(), st.none() | st.just(1_795_000_000_000_000))
+def test_fast_decoder_agrees_with_strict_decoder(raw: bytes, ref_us: int | None) -> None:
+    assert _outcome(codec.decode, raw, ref_us) == _outcome(codec.decode_strict, raw, ref_us)
+
+
+@given(events(), st.data())
+def test_fast_decoder_agrees_on_corrupted_events(ev: Event, data: st.DataObject) -> None:
+    raw = bytearray(codec.encode(ev))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    assert _outcome(codec.decode, bytes(raw), None) == _outcome(codec.decode_strict, bytes(raw), None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event_id":"e","type":"view","user_id":"u","item_id":"i","event_time":"2026-11-22T10:00:00Z",'
+        b'"schema_version":1,"context":{"position":18446744073709551616}}',  # orjson: a float
+        b'{"event_id":"e","type":"view","user_id":"u","item_id":"i","event_time":"2026-11-22T10:00:00Z",'
+        b'"schema_version":1,"items":[1]}',  # malformed, but ignored for a view
+    ],
+)
+def test_fast_decoder_edge_cases(raw: bytes) -> None:
+    assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
