@@ -26,7 +26,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -86,8 +86,14 @@ class CoreConfig:
 
 def hash64(text: str, seed: int = 0) -> int:
     """A stable 64-bit hash of ``text`` (blake2b; Python's ``hash`` is salted per process)."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(digest, "little")
+    salt = _SALTS.get(seed)
+    if salt is None:
+        salt = _SALTS[seed] = seed.to_bytes(8, "little")
+    return int.from_bytes(_blake2b(text.encode(), digest_size=8, salt=salt).digest(), "little")
+
+
+_SALTS: dict[int, bytes] = {}
+_blake2b = hashlib.blake2b
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -193,9 +199,12 @@ class ItemState:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """What the user stage sends to the item stage (topic ``events.by-item``), keyed by item."""
+class Forward(NamedTuple):
+    """What the user stage sends to the item stage (topic ``events.by-item``), keyed by item.
+
+    A NamedTuple: the user stage builds one per event and slate item, and a NamedTuple is
+    ~4x cheaper to build than a frozen dataclass.
+    """
 
     item_id: str
     event_id: str
@@ -224,43 +233,66 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
 
-def _record_recent(state: UserState, ev: Event, item_id: str, n: int) -> None:
-    entry = (ev.ts_us, ev.event_id, item_id, ev.type.value)
-    recent = state.recent
-    if len(recent) >= n and (entry[0], entry[1]) <= (recent[-1][0], recent[-1][1]):
-        return
-    # newest first; ties broken by event_id so the order is independent of arrival
-    i = 0
-    while i < len(recent) and (recent[i][0], recent[i][1]) > (entry[0], entry[1]):
-        i += 1
-    recent.insert(i, entry)
-    del recent[n:]
+def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome) -> list[Event]:
+    """Apply the order-independent features of one user's events; returns the accepted ones.
+
+    Equal to applying the events one at a time, where each event that advances the
+    user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
+    is pruned once at the end, and an id that per-event pruning would already have
+    dropped (its time is below the current horizon) is not treated as seen.
+    """
+    seen = state.seen
+    max_ts = state.max_ts
+    lateness = cfg.lateness_us
+    horizon = max_ts - lateness
+    counts = state.counts
+    type_index = TYPE_INDEX
+    accepted: list[Event] = []
+    new_recent: list[tuple[int, str, str, str]] = []
+    session = state.session
+    dups = out.duplicates
+    late = out.late
+    for ev in events:
+        ts = ev.ts_us
+        eid = ev.event_id
+        prev = seen.get(eid)
+        if prev is not None and prev >= horizon:
+            dups.append(ev)
+            continue
+        if ts < horizon:
+            late.append(ev)
+            continue
+        seen[eid] = ts
+        if ts > max_ts:
+            max_ts = ts
+            horizon = ts - lateness
+        counts[type_index[ev.type]] += 1
+        accepted.append(ev)
+        if ev.item_id is not None:
+            new_recent.append((ts, eid, ev.item_id, ev.type.value))
+        if session is None or (ts, eid) > (session[0], session[1]):
+            ctx = ev.context
+            session = (ts, eid, ctx.session_id, ctx.surface, ctx.device)
+    if not accepted:
+        return accepted
+    state.session = session
+    state.version += len(accepted)
+    if max_ts > state.max_ts:
+        state.max_ts = max_ts
+    if seen and min(seen.values()) < horizon:
+        state.seen = {k: t for k, t in seen.items() if t >= horizon}
+    if new_recent:
+        # newest first by (event_time, event_id): the top recent_n of old and new entries, which
+        # is what inserting them one at a time and truncating gives (keys are unique: see above)
+        merged = state.recent + new_recent
+        merged.sort(key=_recent_key, reverse=True)
+        del merged[cfg.recent_n :]
+        state.recent = merged
+    return accepted
 
 
-def _apply_user_features(state: UserState, ev: Event, cfg: CoreConfig, out: Outcome) -> bool:
-    """Apply the order-independent features. Returns False if the event was dropped."""
-    if ev.event_id in state.seen:
-        out.duplicates.append(ev)
-        return False
-    horizon = state.max_ts - cfg.lateness_us
-    if ev.ts_us < horizon:
-        out.late.append(ev)
-        return False
-    state.seen[ev.event_id] = ev.ts_us
-    if ev.ts_us > state.max_ts:
-        state.max_ts = ev.ts_us
-        horizon = ev.ts_us - cfg.lateness_us
-        if state.seen and min(state.seen.values()) < horizon:
-            state.seen = {k: t for k, t in state.seen.items() if t >= horizon}
-    state.counts[TYPE_INDEX[ev.type]] += 1
-    state.version += 1
-    if ev.item_id is not None:
-        _record_recent(state, ev, ev.item_id, cfg.recent_n)
-    ctx = ev.context
-    cand = (ev.ts_us, ev.event_id, ctx.session_id, ctx.surface, ctx.device)
-    if state.session is None or (cand[0], cand[1]) > (state.session[0], state.session[1]):
-        state.session = cand
-    return True
+def _recent_key(entry: tuple[int, str, str, str]) -> tuple[int, str]:
+    return (entry[0], entry[1])
 
 
 def _init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
@@ -319,7 +351,7 @@ def apply_user_batch(
     for _uid, state, events in batch:
         new = UserState() if state is None else state.copy()
         out = Outcome()
-        acc = [ev for ev in events if _apply_user_features(new, ev, cfg, out)]
+        acc = _apply_user_features(new, events, cfg, out)
         news.append(new)
         outs.append(out)
         accepted.append(acc)
@@ -335,6 +367,7 @@ def apply_user_batch(
                 news[j].vector = init[row]
         U = np.stack([news[j].vector for j in order]).astype(np.float32)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
+        seed = cfg.seed
         chunked = [_chunks(positives[j], cfg.max_rounds) for j in order]
         for r in range(len(chunked[0])):
             m = 0
@@ -345,7 +378,7 @@ def apply_user_batch(
             sizes = np.array([len(grp) for grp in groups])
             rows = np.repeat(np.arange(m), sizes)
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
-            hs = np.array([hash64(ev.event_id, cfg.seed) for ev in evs], dtype=np.uint64)
+            hs = np.fromiter((hash64(ev.event_id, seed) for ev in evs), dtype=np.uint64, count=len(evs))
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
@@ -355,11 +388,11 @@ def apply_user_batch(
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             grad = (g[:, :, None] * (V[:, None, :] - negs)).mean(axis=1)
             lr = np.array([cfg.lr * POSITIVE_WEIGHTS[ev.type] for ev in evs], dtype=np.float32)
-            for i, ev in enumerate(evs):
-                snaps[ev.event_id] = (Ue[i], tuple(neg_scores[i].tolist()))
+            for ev, u_row, ns_row in zip(evs, Ue, neg_scores.tolist(), strict=True):
+                snaps[ev.event_id] = (u_row, tuple(ns_row))
             U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
-        for row, j in enumerate(order):
-            news[j].vector = U[row].copy()
+        for j, u_row in zip(order, U, strict=False):  # rows of U: views of a matrix no one else holds
+            news[j].vector = u_row
             news[j].steps += len(positives[j])
     results = []
     for j, (uid, _state, _events) in enumerate(batch):
@@ -392,48 +425,102 @@ def apply_user_events(
     return apply_user_batch([(user_id, state, events)], cfg, items)[0]
 
 
-def _bump(buckets: dict[int, list[int]], idx: int, keep: int, slot: int, weight: int) -> None:
-    counts = buckets.get(idx)
-    if counts is not None:  # fast path: an existing bucket is inside the window by construction
-        counts[slot] += weight
-        return
-    top = max(buckets) if buckets else idx
-    if idx < top - keep:
-        return  # older than the retained window: order-independent, see module docs
-    counts = buckets[idx] = [0, 0, 0]
-    counts[slot] += weight
-    if idx > top:
-        for old in [k for k in buckets if k < idx - keep]:
-            del buckets[old]
+def _merge_buckets(buckets: dict[int, list[int]], deltas: dict[int, list[int]], keep: int) -> None:
+    """Add per-bucket ``deltas`` to ``buckets``, keeping the ``keep + 1`` newest bucket indexes.
+
+    Equal to adding the events one at a time with this rule: a bucket older than the
+    newest index minus ``keep`` is not created, and a new newest index prunes the buckets
+    that fell out of the window. Either way the result is the exact counts of the buckets
+    in ``[top - keep, top]`` for the final newest index ``top``, in any arrival order.
+    """
+    top = max(deltas)
+    if buckets:
+        old_top = max(buckets)
+        if old_top >= top:
+            top = old_top
+        elif top - keep > min(buckets):
+            for idx in [k for k in buckets if k < top - keep]:
+                del buckets[idx]
+    lo = top - keep
+    for idx, d in deltas.items():
+        if idx < lo:
+            continue
+        counts = buckets.get(idx)
+        if counts is None:
+            buckets[idx] = d
+        else:
+            counts[0] += d[0]
+            counts[1] += d[1]
+            counts[2] += d[2]
 
 
-def _apply_item_features(new: ItemState, fw: Forward) -> bool:
-    """Apply one forward's features; False when it changed nothing (a stale or repeated upsert)."""
-    if fw.type is EventType.ITEM_UPSERT:
-        # newest (event time, event id) wins; an upsert that is not newer - a redelivery of the
-        # current one, or an older one arriving late - changes nothing at all (idempotent)
-        key = (fw.ts_us, fw.event_id)
-        if new.upsert_key is not None and key <= new.upsert_key:
-            return False
-        new.version += 1
-        new.counts[TYPE_INDEX[fw.type]] += 1
-        new.upsert_key = key
-        new.eligible = fw.eligible
-        new.category = fw.category
-        return True
-    new.version += 1
-    new.counts[TYPE_INDEX[fw.type]] += 1
-    new.max_ts = max(new.max_ts, fw.ts_us)
-    if fw.type is EventType.IMPRESSION:
-        slots: tuple[int, ...] = (0,)
-    elif fw.type is EventType.CLICK:
-        slots = (1, 2)  # a click is also a positive interaction
-    else:
-        slots = (2,)
-    for slot in slots:
-        _bump(new.b5, fw.ts_us // B5_US, KEEP_B5, slot, 1)
-        _bump(new.b60, fw.ts_us // B60_US, KEEP_B60, slot, 1)
-    return True
+#: bucket slots an event type counts in: impressions, clicks, positive interactions
+_SLOTS: dict[EventType, tuple[int, int, int]] = {
+    t: (1, 0, 0) if t is EventType.IMPRESSION else (0, 1, 1) if t is EventType.CLICK else (0, 0, 1) for t in EventType
+}
+
+
+def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], cfg: CoreConfig) -> list[Forward]:
+    """Apply one item's forwards (arrival order) to ``new``; returns the forwards left to step.
+
+    Features are order-independent and accumulated per bucket first; an upsert that is not
+    newer than the current one (a redelivery, or an older one arriving late) changes nothing.
+    Vector writes keep their order: embedding steps before a bootstrap are flushed first.
+    """
+    upsert = EventType.ITEM_UPSERT
+    counts = new.counts
+    type_index = TYPE_INDEX
+    d5: dict[int, list[int]] = {}
+    d60: dict[int, list[int]] = {}
+    mine: list[Forward] = []
+    version = new.version
+    max_ts = new.max_ts
+    for fw in forwards:
+        etype = fw.type
+        if etype is upsert:
+            # newest (event time, event id) wins
+            key = (fw.ts_us, fw.event_id)
+            if new.upsert_key is not None and key <= new.upsert_key:
+                continue
+            version += 1
+            counts[type_index[etype]] += 1
+            new.upsert_key = key
+            new.eligible = fw.eligible
+            new.category = fw.category
+            if fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
+                if mine:
+                    _item_steps([new], [mine], cfg, [iid])
+                    mine = []
+                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
+            continue
+        version += 1
+        counts[type_index[etype]] += 1
+        ts = fw.ts_us
+        if ts > max_ts:
+            max_ts = ts
+        i, c, p = _SLOTS[etype]
+        b = d5.get(ts // B5_US)
+        if b is None:
+            d5[ts // B5_US] = [i, c, p]
+        else:
+            b[0] += i
+            b[1] += c
+            b[2] += p
+        b = d60.get(ts // B60_US)
+        if b is None:
+            d60[ts // B60_US] = [i, c, p]
+        else:
+            b[0] += i
+            b[1] += c
+            b[2] += p
+        if fw.user_vector is not None:
+            mine.append(fw)
+    new.version = version
+    new.max_ts = max_ts
+    if d5:
+        _merge_buckets(new.b5, d5, KEEP_B5)
+        _merge_buckets(new.b60, d60, KEEP_B60)
+    return mine
 
 
 def apply_item_batch(
@@ -447,20 +534,8 @@ def apply_item_batch(
     steps: list[list[Forward]] = []
     for iid, state, forwards in batch:
         new = ItemState() if state is None else state.copy()
-        mine: list[Forward] = []
-        for fw in forwards:
-            applied = _apply_item_features(new, fw)
-            if not applied:
-                continue
-            if fw.type is EventType.ITEM_UPSERT and fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
-                if mine:  # keep the order of vector writes: flush the steps before a bootstrap
-                    _item_steps([new], [mine], cfg, [iid])
-                    mine = []
-                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
-            elif fw.user_vector is not None:
-                mine.append(fw)
+        steps.append(_apply_item_forwards(new, iid, forwards, cfg))
         news.append(new)
-        steps.append(mine)
     _item_steps(news, steps, cfg, [iid for iid, _, _ in batch])
     return news
 
