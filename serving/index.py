@@ -463,6 +463,18 @@ class HnswShard:
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(labels, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
+    def candidates(self, q: Vec, fetch: int) -> tuple[Labels, Vec]:
+        """HNSW labels ``(n, f)`` of up to ``fetch`` live items per row and a copy of their vectors
+        ``(n, f, dim)``, unsorted by exact score (``q``: a C-contiguous float32 ``(n, dim)`` matrix)."""
+        with self.lock:
+            labels = self._knn(q, fetch)
+            return labels, self._vectors[labels]  # fancy indexing copies: safe to use after the lock
+
+    @property
+    def ids(self) -> list[str]:
+        """Item ids by label (append-only; labels are never reassigned, so no lock is needed)."""
+        return self._ids
+
     def id_of(self, label: int) -> str:
         """The item id of ``label`` (labels are never reassigned, so no lock is needed)."""
         return self._ids[label]
@@ -807,43 +819,51 @@ class ShardedIndex:
     def search_many(
         self, vectors: npt.ArrayLike, k: int, exclude: set[str] | frozenset[str] | None = None
     ) -> list[list[tuple[str, float]]]:
-        """:meth:`search` for each row of ``vectors`` (``(n, dim)``), with one exclude set for all."""
+        """:meth:`search` for each row of ``vectors`` (``(n, dim)``), with one exclude set for all.
+
+        One merge for all shards: each shard returns its HNSW candidates (labels and a copy of
+        their exact vectors, under its lock); the candidates of every shard are scored with one
+        ``einsum`` and sorted once, and the excluded ids are skipped while the sorted list is read.
+        (The per-shard Python and numpy of scoring, trimming and sorting each shard's answer
+        separately cost more than the four HNSW searches at ``ef=64``.)
+        """
         _check_k(k)
         q = _as_matrix(vectors, self.params.dim)
-        label_parts: list[Labels] = []
-        score_parts: list[Vec] = []
-        shard_parts: list[npt.NDArray[np.int32]] = []
-
-        live = [(p, shard) for p, shard in enumerate(self.shards) if len(shard)]
+        live = [shard for shard in self.shards if len(shard)]
+        if not live:
+            return [[] for _ in range(q.shape[0])]
         k_shard = self.shard_k(k, len(live))
+        rerank = self.params.rerank
 
         def one(shard: HnswShard) -> tuple[Labels, Vec]:
             # only excluded ids live in this shard can take a slot in its answer
-            excl = [lab for lab in (shard.label_of(e) for e in exclude) if lab is not None] if exclude else []
-            need = k_shard + (len(excl) + _MARGIN if excl else 0)
-            return shard.query_labels(q, need, candidates=self.params.rerank or None, exclude=excl)
+            n_excl = sum(1 for e in exclude if shard.label_of(e) is not None) if exclude else 0
+            need = k_shard + (2 * n_excl + _MARGIN if n_excl else 0)
+            return shard.candidates(q, max(need, rerank))
 
         if self._pool is not None and len(live) > 1:
-            results = list(self._pool.map(one, [shard for _, shard in live]))
+            results = list(self._pool.map(one, live))
         else:
-            results = [one(shard) for _, shard in live]
-        for (p, _), (labels, scores) in zip(live, results, strict=True):
-            label_parts.append(labels)
-            score_parts.append(scores)
-            shard_parts.append(np.full(labels.shape, p, dtype=np.int32))
-        if not label_parts:
-            return [[] for _ in range(q.shape[0])]
-        labels = np.concatenate(label_parts, axis=1)
-        scores = np.concatenate(score_parts, axis=1)
-        shards = np.concatenate(shard_parts, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            results = [one(shard) for shard in live]
+        labels = np.concatenate([lab for lab, _ in results], axis=1)
+        cand = np.concatenate([vec for _, vec in results], axis=1)
+        owner = np.concatenate([np.full(lab.shape[1], j, dtype=np.intp) for j, (lab, _) in enumerate(results)])
+        scores = np.einsum("nkd,nd->nk", cand, q, optimize=False).astype(np.float32, copy=False)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        id_lists = [shard.ids for shard in live]
+        skip = exclude or ()
         out: list[list[tuple[str, float]]] = []
         for row in range(q.shape[0]):
             o = order[row]
-            rs = scores[row, o].tolist()
-            rl = labels[row, o].tolist()
-            rp = shards[row, o].tolist()
-            out.append([(self.shards[p].id_of(lab), s) for p, lab, s in zip(rp, rl, rs, strict=True) if s != -np.inf])
+            res: list[tuple[str, float]] = []
+            for p, lab, sc in zip(owner[o].tolist(), labels[row, o].tolist(), scores[row, o].tolist(), strict=True):
+                item = id_lists[p][lab]
+                if item in skip:
+                    continue
+                res.append((item, sc))
+                if len(res) == k:
+                    break
+            out.append(res)
         return out
 
     # -- snapshots -----------------------------------------------------------------------
