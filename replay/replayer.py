@@ -35,6 +35,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import NamedTuple
 
 from replay.readers import LogRecord
@@ -135,11 +136,15 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
     return streams, n
 
 
+_first = itemgetter(0)
+
+
 def _merge(streams: list[list[_Decoded]]) -> list[_Decoded]:
     if len(streams) == 1:
         return streams[0]
-    # each partition keeps its offset order; heads are compared by (event time, partition, offset)
-    return list(heapq.merge(*streams, key=lambda r: (r.ts_us, r.partition, r.offset)))
+    # each partition keeps its offset order; heads are compared by (event time, partition, offset):
+    # the rows' first three fields, unique per row, so the tuple order never looks further
+    return list(heapq.merge(*streams))
 
 
 def replay_records(
@@ -229,7 +234,7 @@ def _replay(
             if fresh:
                 work.append((uid, state, [e for _, e in fresh]))
                 seqs.append({e.event_id: s for s, e in fresh})
-        results = apply_user_batch(work, cfg, replica)
+        results = apply_user_batch(work, cfg, replica, in_place=True)
         for (uid, _, _), seq_of, (new, out) in zip(work, seqs, results, strict=True):
             new.offsets[topic] = max(chunk[s - start].offset for s in seq_of.values())
             res.duplicates += len(out.duplicates)
@@ -241,7 +246,7 @@ def _replay(
                 forwards.append((s * _SUB + sub[s], fw))
                 sub[s] += 1
             users[uid] = new
-        forwards.sort(key=lambda x: x[0])
+        forwards.sort(key=_first)
         res.forwards += len(forwards)
         per_item: dict[str, list[Forward]] = {}
         for fseq, fw in forwards:
@@ -254,7 +259,7 @@ def _replay(
                     first["item", iid] = FirstTouch(fseq // _SUB, row.partition, row.offset, fw.event_id)
             lst2.append(fw)
         item_work = [(iid, items.get(iid), fws) for iid, fws in per_item.items()]
-        for (iid, _, _), new_item in zip(item_work, apply_item_batch(item_work, cfg), strict=True):
+        for (iid, _, _), new_item in zip(item_work, apply_item_batch(item_work, cfg, in_place=True), strict=True):
             items[iid] = new_item
             if new_item.vector is not None:
                 replica.put(iid, new_item.vector)

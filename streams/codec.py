@@ -245,6 +245,9 @@ class _FastEvent(msgspec.Struct):
 
 
 _FAST = msgspec.json.Decoder(_FastEvent)
+#: a memo of parsed event times (a log's neighbouring events often share a timestamp string)
+_TIMES: dict[str, int] = {}
+_TIMES_MAX = 1 << 16
 _IMPRESSION = EventType.IMPRESSION
 _UPSERT = EventType.ITEM_UPSERT
 
@@ -265,13 +268,18 @@ def _fast(data: bytes, ref_us: int | None) -> Event | None:
         return None
     if w.item_id is None and etype in _NEEDS_ITEM:
         return None
-    try:
-        dt = datetime.fromisoformat(w.event_time)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        return None
-    ts_us = datetime_to_ts(dt)
+    ts_us = _TIMES.get(w.event_time)
+    if ts_us is None:
+        try:
+            dt = datetime.fromisoformat(w.event_time)
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            return None
+        ts_us = datetime_to_ts(dt)
+        if len(_TIMES) >= _TIMES_MAX:
+            _TIMES.clear()
+        _TIMES[w.event_time] = ts_us
     if ref_us is not None and ts_us > ref_us + MAX_FUTURE_US:
         return None
     items: tuple[str, ...] = ()

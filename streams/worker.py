@@ -489,7 +489,7 @@ class StreamWorker:
             if fresh:
                 work.append((uid, state, [e for _, e in fresh]))
                 offsets.append({e.event_id: o for o, e in fresh})
-        results = apply_user_batch(work, self.cfg, self.replica)
+        results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
         for (uid, _, _), off_of, (new, out) in zip(work, offsets, results, strict=True):
             new.offsets[topic] = max(off_of.values())
             self.stats.duplicates += len(out.duplicates)
@@ -549,7 +549,7 @@ class StreamWorker:
             if fresh:
                 work.append((iid, state, [f for _, f in fresh]))
                 last.append(fresh[-1][0])
-        for (iid, _, _), off, new in zip(work, last, apply_item_batch(work, self.cfg), strict=True):
+        for (iid, _, _), off, new in zip(work, last, apply_item_batch(work, self.cfg, in_place=True), strict=True):
             new.offsets[topic] = off
             key = STATE_PREFIX + iid.encode()
             value = serde.encode_item(new)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, TypeVar
@@ -94,6 +95,7 @@ def hash64(text: str, seed: int = 0) -> int:
 
 _SALTS: dict[int, bytes] = {}
 _blake2b = hashlib.blake2b
+_crc32 = zlib.crc32
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -305,6 +307,11 @@ def _init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray
     return (rows * np.float32(cfg.init_scale * math.sqrt(cfg.dim))).astype(np.float32)
 
 
+def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
+    """Stack equal-length vectors into a new float32 matrix (3-4x faster than ``np.stack``)."""
+    return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
+
+
 def _chunks(xs: list[_T], rounds: int) -> list[list[_T]]:
     """Split ``xs`` into at most ``rounds`` contiguous chunks (one element each when short)."""
     n = len(xs)
@@ -337,19 +344,24 @@ def apply_user_batch(
     batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
     cfg: CoreConfig,
     items: ItemVectorSource,
+    *,
+    in_place: bool = False,
 ) -> list[tuple[UserState, Outcome]]:
     """Apply each user's events (in arrival order) to that user's state.
 
     The result equals applying the events one at a time per user; the embedding
     steps are computed in *rounds* (the r-th positive event of every user at once)
     so that numpy works on matrices instead of 64-float vectors. Item vectors are
-    read from ``items`` as of the start of the batch. Input states are not mutated.
+    read from ``items`` as of the start of the batch. Input states are not mutated,
+    unless ``in_place``: then they are updated and returned themselves, which saves a
+    deep copy per key for callers that discard the old states (the worker decodes them
+    fresh from bytes; replay replaces them).
     """
     news: list[UserState] = []
     outs: list[Outcome] = []
     accepted: list[list[Event]] = []
     for _uid, state, events in batch:
-        new = UserState() if state is None else state.copy()
+        new = UserState() if state is None else state if in_place else state.copy()
         out = Outcome()
         acc = _apply_user_features(new, events, cfg, out)
         news.append(new)
@@ -365,9 +377,9 @@ def apply_user_batch(
             init = _init_matrix([batch[j][0] for j in fresh], cfg, "u")
             for row, j in enumerate(fresh):
                 news[j].vector = init[row]
-        U = np.stack([news[j].vector for j in order]).astype(np.float32)  # type: ignore[misc]
+        U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
-        seed = cfg.seed
+        seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
         chunked = [_chunks(positives[j], cfg.max_rounds) for j in order]
         for r in range(len(chunked[0])):
             m = 0
@@ -378,15 +390,16 @@ def apply_user_batch(
             sizes = np.array([len(grp) for grp in groups])
             rows = np.repeat(np.arange(m), sizes)
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
-            hs = np.fromiter((hash64(ev.event_id, seed) for ev in evs), dtype=np.uint64, count=len(evs))
+            hs = np.fromiter((_crc32(ev.event_id.encode(), seed) for ev in evs), dtype=np.uint64, count=len(evs))
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
             Ue = U[rows]
-            neg_scores = np.einsum("fkd,fd->fk", negs, Ue)
-            pos = np.einsum("fd,fd->f", Ue, V)
+            neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
+            pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
-            grad = (g[:, :, None] * (V[:, None, :] - negs)).mean(axis=1)
+            # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
+            grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = np.array([cfg.lr * POSITIVE_WEIGHTS[ev.type] for ev in evs], dtype=np.float32)
             for ev, u_row, ns_row in zip(evs, Ue, neg_scores.tolist(), strict=True):
                 snaps[ev.event_id] = (u_row, tuple(ns_row))
@@ -524,16 +537,17 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
 
 
 def apply_item_batch(
-    batch: Sequence[tuple[str, ItemState | None, Sequence[Forward]]], cfg: CoreConfig
+    batch: Sequence[tuple[str, ItemState | None, Sequence[Forward]]], cfg: CoreConfig, *, in_place: bool = False
 ) -> list[ItemState]:
     """Apply each item's forwards (arrival order); embedding steps vectorized in rounds.
 
-    Equal to applying the forwards one at a time per item. Inputs are not mutated.
+    Equal to applying the forwards one at a time per item. Input states are not mutated,
+    unless ``in_place`` (see :func:`apply_user_batch`).
     """
     news: list[ItemState] = []
     steps: list[list[Forward]] = []
     for iid, state, forwards in batch:
-        new = ItemState() if state is None else state.copy()
+        new = ItemState() if state is None else state if in_place else state.copy()
         steps.append(_apply_item_forwards(new, iid, forwards, cfg))
         news.append(new)
     _item_steps(news, steps, cfg, [iid for iid, _, _ in batch])
@@ -552,7 +566,7 @@ def _item_steps(
         init = _init_matrix([ids[j] for j in fresh], cfg, "i")
         for row, j in enumerate(fresh):
             news[j].vector = init[row]
-    V = np.stack([news[j].vector for j in order]).astype(np.float32)  # type: ignore[misc]
+    V = _rows([news[j].vector for j in order], cfg.dim)  # type: ignore[misc]
     reg = np.float32(cfg.reg)
     chunked = [_chunks(steps[j], cfg.max_rounds) for j in order]
     for r in range(len(chunked[0])):
@@ -563,20 +577,25 @@ def _item_steps(
         fws = [fw for grp in groups for fw in grp]
         sizes = np.array([len(grp) for grp in groups])
         rows = np.repeat(np.arange(m), sizes)
-        Ur = np.stack([fw.user_vector for fw in fws]).astype(np.float32)  # type: ignore[misc]
+        Ur = _rows([fw.user_vector for fw in fws], cfg.dim)  # type: ignore[misc]
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
-        k = max(len(fw.neg_scores) for fw in fws) or 1
-        NS = np.zeros((len(fws), k), dtype=np.float32)
-        mask = np.zeros((len(fws), k), dtype=np.float32)
-        for i, fw in enumerate(fws):
-            n = len(fw.neg_scores)
-            if n:
-                NS[i, :n] = fw.neg_scores
-                mask[i, :n] = 1.0
-            else:
-                mask[i, 0] = 1.0
-        g = (_sigmoid(NS - pos[:, None]) * mask).sum(axis=1) / mask.sum(axis=1)
+        lens = {len(fw.neg_scores) for fw in fws}
+        if len(lens) == 1 and 0 not in lens:  # the usual case: every forward has k negatives
+            NS = np.array([fw.neg_scores for fw in fws], dtype=np.float32)
+            g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(NS.shape[1])
+        else:
+            k = max(lens) or 1
+            NS = np.zeros((len(fws), k), dtype=np.float32)
+            mask = np.zeros((len(fws), k), dtype=np.float32)
+            for i, fw in enumerate(fws):
+                n = len(fw.neg_scores)
+                if n:
+                    NS[i, :n] = fw.neg_scores
+                    mask[i, :n] = 1.0
+                else:
+                    mask[i, 0] = 1.0
+            g = (_sigmoid(NS - pos[:, None]) * mask).sum(axis=1) / mask.sum(axis=1)
         lr = np.array([cfg.lr * POSITIVE_WEIGHTS.get(fw.type, 0.0) for fw in fws], dtype=np.float32)
         V[:m] = V[:m] + _damped_step((lr * g)[:, None] * Ur, lr, sizes, V[:m], reg)
     for row, j in enumerate(order):
