@@ -115,6 +115,7 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
     per_part: dict[int, list[_Decoded]] = defaultdict(list)
     last_ts: dict[int, int] = {}
     decode = codec.decode
+    new = tuple.__new__  # a NamedTuple from all its fields, without its generated __new__
     n = 0
     for rec in records:
         n += 1
@@ -123,10 +124,10 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
         try:
             ev = decode(rec.value, ref)
         except InvalidEvent as exc:
-            per_part[p].append(_Decoded(last_ts.get(p, -1), p, rec.offset, None, rec, exc.reason))
+            per_part[p].append(new(_Decoded, (last_ts.get(p, -1), p, rec.offset, None, rec, exc.reason)))
             continue
         last_ts[p] = ev.ts_us
-        per_part[p].append(_Decoded(ev.ts_us, p, rec.offset, ev, rec, ""))
+        per_part[p].append(new(_Decoded, (ev.ts_us, p, rec.offset, ev, rec, "")))
     streams = []
     for p in sorted(per_part):
         rows = per_part[p]

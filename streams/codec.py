@@ -297,10 +297,10 @@ def _fast(data: bytes, ref_us: int | None) -> Event | None:
             vector = tuple(w.vector)
     c = w.context
     ctx = _NO_CONTEXT if c is None else Context(c.surface, c.session_id, c.device, c.position)
-    return Event(
+    return tuple.__new__(Event, (  # every field, in order: skips the NamedTuple's generated __new__
         w.event_id, etype, ts_us, w.user_id, w.item_id, w.schema_version, ctx, items,
         w.request_id, propensity, eligible, w.category, vector,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def decode(data: bytes, ref_us: int | None = None) -> Event:
