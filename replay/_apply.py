@@ -21,7 +21,7 @@ from streams.core.state import (
     apply_item_batch,
     apply_user_batch,
 )
-from streams.events import Event
+from streams.events import Event, EventType
 
 __all__ = ["apply_batch"]
 
@@ -39,8 +39,9 @@ def apply_batch(
 ) -> list[tuple[str, list[Forward], ItemState]]:
     """Apply one batch of events (arrival order): the user stage, then the item stage.
 
-    An event with a ``user_id`` goes to its user; one without (``item_upsert``) goes straight
-    to the item stage, ahead of the user stage's forwards; one with neither id is skipped.
+    An ``item_upsert`` goes straight to the item stage, ahead of the user stage's forwards
+    (whether or not it carries a ``user_id``: routed by type, as the live worker routes it);
+    every other event goes to its user (one without a user id is skipped).
     The user stage reads item vectors from ``replica`` as of the start of the batch.
     ``users`` and ``items`` are updated in place; the result is every item the item stage
     applied, in order, as ``(item_id, forwards applied, new state)``.
@@ -48,10 +49,11 @@ def apply_batch(
     by_user: dict[str, list[Event]] = defaultdict(list)
     by_item: dict[str, list[Forward]] = defaultdict(list)
     for ev in events:
-        if ev.user_id is not None:
+        if ev.type is EventType.ITEM_UPSERT:  # routed by type, as the live worker does
+            if ev.item_id is not None:
+                by_item[ev.item_id].append(_upsert_forward(ev, ev.item_id))
+        elif ev.user_id is not None:
             by_user[ev.user_id].append(ev)
-        elif ev.item_id is not None:  # item_upsert
-            by_item[ev.item_id].append(_upsert_forward(ev, ev.item_id))
     batch = [(uid, users.get(uid), evs) for uid, evs in by_user.items()]
     for (uid, _, _), (ustate, out) in zip(batch, apply_user_batch(batch, cfg, replica), strict=True):
         users[uid] = ustate

@@ -181,3 +181,20 @@ def test_read_events_errors(tmp_path: Path) -> None:
     other.write_text("a,b\n1,2\n")
     with pytest.raises(FreshrecError, match="MovieLens"):
         read_events(other)
+
+
+def test_an_item_upsert_with_a_user_id_is_routed_by_type_like_the_live_worker() -> None:
+    from replay._apply import apply_batch
+    from streams.core.state import CoreConfig
+    from streams.core.vectors import ItemReplica
+    from streams.events import Event, EventType
+
+    cfg = CoreConfig(dim=4)
+    vec = (1.0, 0.0, 0.0, 0.0)
+    up = Event("up-1", EventType.ITEM_UPSERT, 1_000, user_id="u1", item_id="i1", category="c", vector=vec)
+    users: dict = {}  # type: ignore[type-arg]
+    items: dict = {}  # type: ignore[type-arg]
+    apply_batch([up], cfg, users, items, ItemReplica(cfg))
+    assert "u1" not in users  # not counted as the user's interaction
+    assert items["i1"].category == "c" and items["i1"].vector is not None
+    assert [float(x) for x in items["i1"].vector] == list(vec)  # the bootstrap vector was applied
