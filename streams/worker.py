@@ -20,6 +20,7 @@ Per loop iteration (see docs/ARCHITECTURE.md for why this is not a Faust agent):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import threading
@@ -28,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -73,6 +74,8 @@ class WorkerStats:
     batches: int = 0
     restored_records: int = 0
     item_records: int = 0
+    state_cache_hits: int = 0
+    state_cache_misses: int = 0
     first_batch_at: float | None = None
     last_batch_at: float | None = None
     user_fresh_ms: list[float] = field(default_factory=list)
@@ -99,6 +102,8 @@ class WorkerStats:
             "resent_forwards": self.resent_forwards,
             "batches": self.batches,
             "restored_records": self.restored_records,
+            "state_cache_hits": self.state_cache_hits,
+            "state_cache_misses": self.state_cache_misses,
             "item_records": self.item_records,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,
@@ -110,20 +115,42 @@ class WorkerStats:
         }
 
 
+_S = TypeVar("_S", UserState, ItemState)
+
+
 def _off_key(topic: str, partition: int) -> bytes:
     return META_PREFIX + f"off:{topic}:{partition}".encode()
 
 
 class _Shard:
-    """One stage's store for one partition, plus its cached meta."""
+    """One stage's store for one partition, plus its cached meta and decoded states.
 
-    def __init__(self, store: Store, stage: str, partition: int) -> None:
+    ``cache`` holds decoded states, write-through: a state enters it only together with the
+    write that stores it, and the cache lives and dies with the shard (dropped on revoke; a
+    crash loses the process). States are mutated in place by the core, so a failed batch must
+    never leave the cache behind: the loop raises and the process exits on any failure.
+    """
+
+    def __init__(self, store: Store, stage: str, partition: int, cache_entries: int = 0) -> None:
         self.store = store
         self.stage = stage
         self.partition = partition
         self.src_hwm: dict[int, int] = {}
         for key, value in store.scan(META_PREFIX + b"src:"):
             self.src_hwm[int(key[5:])] = int(value)
+        self.cache: dict[bytes, Any] = {}
+        self.cache_entries = cache_entries
+
+    def remember(self, key: bytes, state: object) -> None:
+        """Put ``state`` in the cache as the most recently used entry; evict the oldest tenth when full."""
+        if self.cache_entries <= 0:
+            return
+        cache = self.cache
+        cache.pop(key, None)
+        cache[key] = state
+        if len(cache) > self.cache_entries:
+            for old in list(itertools.islice(cache, len(cache) - self.cache_entries + self.cache_entries // 10)):
+                del cache[old]
 
     def next_offset(self, topic: str) -> int | None:
         raw = self.store.get(_off_key(topic, self.partition))
@@ -303,7 +330,8 @@ class StreamWorker:
                     "local state (`freshrec worker --reset-state`) or replay the old event log into the "
                     "new broker first (`freshrec produce ...`) and then reset."
                 )
-            shard = self._shards[key] = _Shard(store, stage, partition)
+            per_shard = self.settings.state_cache_entries // (2 * self.settings.partitions)
+            shard = self._shards[key] = _Shard(store, stage, partition, per_shard)
         return shard
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -437,14 +465,26 @@ class StreamWorker:
             p = self._item_part[item_id] = partition_for(item_id, self.settings.partitions)
         return p
 
-    @staticmethod
-    def _fetch(shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes]) -> list[bytes | None]:
-        """States of ``keys``: this batch's not-yet-written values first, then the store."""
-        if not pending:
-            return shard.store.multi_get(keys)
-        missing = [k for k in keys if k not in pending]
-        stored = dict(zip(missing, shard.store.multi_get(missing), strict=True))
-        return [pending[k] if k in pending else stored[k] for k in keys]
+    def _fetch(
+        self, shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+    ) -> list[_S | None]:
+        """Decoded states of ``keys``: the shard's cache, then this batch's not-yet-written values, then the store."""
+        cache = shard.cache
+        out: list[_S | None] = [cache.get(k) for k in keys]
+        missing = [i for i, s in enumerate(out) if s is None]
+        self.stats.state_cache_hits += len(keys) - len(missing)
+        if not missing:
+            return out
+        self.stats.state_cache_misses += len(missing)
+        from_store = [i for i in missing if keys[i] not in pending]
+        for i, raw in zip(from_store, shard.store.multi_get([keys[i] for i in from_store]), strict=True):
+            if raw is not None:
+                out[i] = decode(raw)
+        for i in missing:
+            raw = pending.get(keys[i])
+            if raw is not None:
+                out[i] = decode(raw)
+        return out
 
     def _user_batch(
         self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
@@ -475,13 +515,12 @@ class StreamWorker:
             per_user[ev.user_id].append((off, ev))
         self.stats.events += len(batch)
         users = list(per_user)
-        raw = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending)
+        states = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending, serde.decode_user)
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.user_changelog
         work: list[tuple[str, UserState | None, list[Event]]] = []
         offsets: list[dict[str, int]] = []
-        for uid, blob in zip(users, raw, strict=True):
-            state = serde.decode_user(blob) if blob is not None else None
+        for uid, state in zip(users, states, strict=True):
             evs = per_user[uid]
             guard = state.offsets.get(topic, -1) if state is not None else -1
             fresh = [(o, e) for o, e in evs if o > guard]
@@ -504,6 +543,7 @@ class StreamWorker:
             key = STATE_PREFIX + uid.encode()
             value = serde.encode_user(new)
             puts[key] = value
+            shard.remember(key, new)
             self._produce(changelog, uid.encode(), value, shard.partition)
         forwards.sort(key=lambda x: x[0])
         by_item = self.settings.topics.by_item
@@ -535,13 +575,12 @@ class StreamWorker:
             touched_src.add(src)
             per_item[fw.item_id].append((cast(int, m.offset()), fw))
         items = list(per_item)
-        raw = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending)
+        states = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending, serde.decode_item)
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
         work: list[tuple[str, ItemState | None, list[Forward]]] = []
         last: list[int] = []
-        for iid, blob in zip(items, raw, strict=True):
-            state = serde.decode_item(blob) if blob is not None else None
+        for iid, state in zip(items, states, strict=True):
             fws = per_item[iid]
             guard = state.offsets.get(topic, -1) if state is not None else -1
             fresh = [(o, f) for o, f in fws if o > guard]
@@ -554,6 +593,7 @@ class StreamWorker:
             key = STATE_PREFIX + iid.encode()
             value = serde.encode_item(new)
             puts[key] = value
+            shard.remember(key, new)
             self._produce(changelog, iid.encode(), value, shard.partition)
             if new.vector is not None:
                 self.replica.put(iid, new.vector)

@@ -419,7 +419,9 @@ def apply_user_batch(
             eid = ev.event_id
             if etype is impression:
                 ts = ev.ts_us
-                fwds.extend([_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in ev.items])
+                fwds.extend(
+                    [_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in ev.items]
+                )
                 continue
             snap = snaps.get(eid)
             if snap is None:

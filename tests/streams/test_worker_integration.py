@@ -165,10 +165,13 @@ def test_a_broker_that_restarted_empty_is_detected(live_settings: Settings) -> N
         StreamWorker(fresh_log).run(max_seconds=30)
 
 
-def test_events_and_impressions_of_one_user_in_one_batch_are_both_applied(live_settings: Settings) -> None:
+@pytest.mark.parametrize("cache_entries", [0, 100_000], ids=["no-state-cache", "state-cache"])
+def test_events_and_impressions_of_one_user_in_one_batch_are_both_applied(
+    live_settings: Settings, cache_entries: int
+) -> None:
     # user shard p is fed by two topics; a batch holding records of both for one user
     # must apply both (regression: the second topic's group overwrote the first's state)
-    s = live_settings
+    s = live_settings.model_copy(update={"state_cache_entries": cache_entries})
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
     for i in range(50):
@@ -221,3 +224,20 @@ def test_a_shard_without_local_state_is_restored_from_its_changelog(live_setting
     assert _user_counts(moved) == {f"u{j}": 12 for j in range(7)}  # 10 + 2 each, nothing twice
     # 70 events over 5 items (14 each), then 100..113: i100 % 5 == 0, so items 0..3 get 3 and item 4 gets 2
     assert _item_counts(moved) == {"i0": 17, "i1": 17, "i2": 17, "i3": 17, "i4": 16}
+
+
+@pytest.mark.parametrize("cache_entries", [12, 100_000], ids=["evicting-cache", "roomy-cache"])
+def test_state_cache_gives_the_same_counts_as_the_store(live_settings: Settings, cache_entries: int) -> None:
+    # 12 entries over 6 shards: 2 per shard, so almost every batch evicts and re-reads the store
+    s = live_settings.model_copy(update={"state_cache_entries": cache_entries, "batch_size": 200})
+    ensure_topics(s)
+    records = list(synthetic_events(4_000, users=300, items=80, seed=3, start_us=int(time.time() * 1e6) - 10**9,
+                                    step_us=1, bad_every=0))  # fmt: skip
+    expected: Counter[str] = Counter(orjson.loads(r.value)["user_id"] for r in records)
+    produce_records(make_producer(s.bootstrap_servers), s.topics.events, iter(records))
+    worker = StreamWorker(s)
+    _run_until(worker, lambda: worker.stats.events >= len(records))
+    assert worker.stats.state_cache_hits > 0
+    if cache_entries == 12:
+        assert worker.stats.state_cache_misses > 300  # evicted states were read back from RocksDB
+    assert _user_counts(s) == expected
