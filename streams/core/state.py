@@ -47,6 +47,7 @@ __all__ = [
     "apply_item_forwards",
     "apply_item_batch",
     "init_vector",
+    "init_matrix",
     "item_features",
     "user_features",
     "hash64",
@@ -299,7 +300,7 @@ def _recent_key(entry: tuple[int, str, str, str]) -> tuple[int, str]:
     return (entry[0], entry[1])
 
 
-def _init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
+def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
     """``init_vector`` for many keys at once (same values)."""
     table = _init_table(cfg.dim, cfg.seed)
     hs = np.array([hash64(kind + k, cfg.seed) for k in keys], dtype=np.uint64)
@@ -376,7 +377,7 @@ def apply_user_batch(
         dim = cfg.dim
         fresh = [j for j in order if news[j].vector is None]
         if fresh:
-            init = _init_matrix([batch[j][0] for j in fresh], cfg, "u")
+            init = init_matrix([batch[j][0] for j in fresh], cfg, "u")
             for row, j in enumerate(fresh):
                 news[j].vector = init[row]
         U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
@@ -570,7 +571,7 @@ def _item_steps(
     fresh = [j for j in order if news[j].vector is None]
     if fresh:
         assert ids is not None
-        init = _init_matrix([ids[j] for j in fresh], cfg, "i")
+        init = init_matrix([ids[j] for j in fresh], cfg, "i")
         for row, j in enumerate(fresh):
             news[j].vector = init[row]
     V = _rows([news[j].vector for j in order], cfg.dim)  # type: ignore[misc]

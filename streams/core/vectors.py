@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from streams.core.state import CoreConfig, Vec, init_vector
+from streams.core.state import CoreConfig, Vec, init_matrix
 
 __all__ = ["ItemReplica"]
 
@@ -50,9 +50,9 @@ class ItemReplica:
         rows = self._rows
         idx = [rows.get(i, -1) for i in item_ids]
         out = self._mat[idx] if item_ids else np.zeros((0, self.cfg.dim), dtype=np.float32)
-        for n, r in enumerate(idx):
-            if r < 0:
-                out[n] = init_vector(item_ids[n], self.cfg, "i")
+        unknown = [n for n, r in enumerate(idx) if r < 0]
+        if unknown:
+            out[unknown] = init_matrix([item_ids[n] for n in unknown], self.cfg, "i")
         return out
 
     def sample_many(self, hashes: npt.NDArray[np.uint64], k: int) -> npt.NDArray[np.float32] | None:
