@@ -407,8 +407,9 @@ def apply_user_batch(
             for ev, u_row, ns_row in zip(evs, Ue, neg_scores.tolist(), strict=True):
                 snaps[ev.event_id] = (u_row, tuple(ns_row))
             U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
-        for j, u_row in zip(order, U, strict=False):  # rows of U: views of a matrix no one else holds
-            news[j].vector = u_row
+        # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
+        for j, u_row in zip(order, U, strict=False):
+            news[j].vector = u_row.copy()
             news[j].steps += len(positives[j])
     results = []
     impression = EventType.IMPRESSION
