@@ -199,11 +199,10 @@ def _replay(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         res.batches += 1
-        per_user: dict[str, list[tuple[int, Event]]] = {}
+        per_user: dict[str, list[int]] = {}  # user -> positions (seq) of its records, in order
         forwards: list[tuple[int, Forward]] = []
-        for k, row in enumerate(chunk):
+        for seq, row in enumerate(chunk, start):
             ev = row.event
-            seq = start + k
             if ev is None:
                 dlq.append((row.record.value, row.reason))
                 continue
@@ -218,34 +217,37 @@ def _replay(
             assert uid is not None
             lst = per_user.get(uid)
             if lst is None:
-                lst = per_user[uid] = []
+                per_user[uid] = [seq]
                 if ("user", uid) not in first:
                     first["user", uid] = FirstTouch(seq, row.partition, row.offset, ev.event_id)
-            lst.append((seq, ev))
+            else:
+                lst.append(seq)
         work: list[tuple[str, UserState | None, list[Event]]] = []
-        seqs: list[dict[str, int]] = []
-        for uid, evs in per_user.items():
+        work_seqs: list[list[int]] = []
+        for uid, seqs in per_user.items():
             state = users.get(uid)
             if state is not None:
                 guard = state.offsets.get(topic, -1)
-                fresh = [(s, e) for s, e in evs if chunk[s - start].offset > guard]
-                res.redelivered += len(evs) - len(fresh)
+                fresh = [q for q in seqs if chunk[q - start].offset > guard]
+                res.redelivered += len(seqs) - len(fresh)
             else:
-                fresh = evs
+                fresh = seqs
             if fresh:
-                work.append((uid, state, [e for _, e in fresh]))
-                seqs.append({e.event_id: s for s, e in fresh})
+                work.append((uid, state, [chunk[q - start].event for q in fresh]))  # type: ignore[misc]
+                work_seqs.append(fresh)
         results = apply_user_batch(work, cfg, replica, in_place=True)
-        for (uid, _, _), seq_of, (new, out) in zip(work, seqs, results, strict=True):
-            new.offsets[topic] = max(chunk[s - start].offset for s in seq_of.values())
+        for (uid, _, _), seqs, (new, out) in zip(work, work_seqs, results, strict=True):
+            new.offsets[topic] = max(chunk[q - start].offset for q in seqs)
             res.duplicates += len(out.duplicates)
-            for late in out.late:  # the original bytes, as the live worker sends them
-                dlq.append((chunk[seq_of[late.event_id] - start].record.value, LATE_REASON))
-            sub: dict[int, int] = defaultdict(int)
-            for fw in out.forwards:
-                s = seq_of[fw.event_id]
-                forwards.append((s * _SUB + sub[s], fw))
-                sub[s] += 1
+            for i in out.late_src:  # the original bytes, as the live worker sends them
+                dlq.append((chunk[seqs[i] - start].record.value, LATE_REASON))
+            prev, sub = -1, 0  # forwards of one record are numbered seq * _SUB + 0, 1, ...
+            for fw, i in zip(out.forwards, out.forward_src, strict=True):
+                if i == prev:
+                    sub += 1
+                else:
+                    prev, sub = i, 0
+                forwards.append((seqs[i] * _SUB + sub, fw))
             users[uid] = new
         forwards.sort(key=_first)
         res.forwards += len(forwards)

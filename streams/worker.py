@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -116,6 +117,7 @@ class WorkerStats:
 
 
 _S = TypeVar("_S", UserState, ItemState)
+_first = itemgetter(0)
 
 
 def _off_key(topic: str, partition: int) -> bytes:
@@ -519,7 +521,7 @@ class StreamWorker:
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.user_changelog
         work: list[tuple[str, UserState | None, list[Event]]] = []
-        offsets: list[dict[str, int]] = []
+        offsets: list[list[int]] = []
         for uid, state in zip(users, states, strict=True):
             evs = per_user[uid]
             guard = state.offsets.get(topic, -1) if state is not None else -1
@@ -527,25 +529,28 @@ class StreamWorker:
             self.stats.redelivered += len(evs) - len(fresh)
             if fresh:
                 work.append((uid, state, [e for _, e in fresh]))
-                offsets.append({e.event_id: o for o, e in fresh})
+                offsets.append([o for o, _ in fresh])
         results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
-        for (uid, _, _), off_of, (new, out) in zip(work, offsets, results, strict=True):
-            new.offsets[topic] = max(off_of.values())
+        for (uid, _, _), offs, (new, out) in zip(work, offsets, results, strict=True):
+            new.offsets[topic] = max(offs)
             self.stats.duplicates += len(out.duplicates)
-            for late in out.late:
-                self._dlq(raw_at[off_of[late.event_id]], "late_event",
+            for i in out.late_src:
+                self._dlq(raw_at[offs[i]], "late_event",
                           "older than the user's newest event minus the allowed lateness")  # fmt: skip
-            sub: dict[int, int] = defaultdict(int)
-            for fw in out.forwards:
-                o = off_of[fw.event_id]
-                forwards.append((o * _SUB + sub[o], fw, rec_ts[o]))
-                sub[o] += 1
+            prev, sub = -1, 0  # forwards of one record are numbered offset * _SUB + 0, 1, ...
+            for fw, i in zip(out.forwards, out.forward_src, strict=True):
+                if i == prev:
+                    sub += 1
+                else:
+                    prev, sub = i, 0
+                o = offs[i]
+                forwards.append((o * _SUB + sub, fw, rec_ts[o]))
             key = STATE_PREFIX + uid.encode()
             value = serde.encode_user(new)
             puts[key] = value
             shard.remember(key, new)
             self._produce(changelog, uid.encode(), value, shard.partition)
-        forwards.sort(key=lambda x: x[0])
+        forwards.sort(key=_first)
         by_item = self.settings.topics.by_item
         for seq, fw, ts_ms in forwards:
             self._produce(

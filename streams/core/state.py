@@ -232,14 +232,20 @@ class Outcome:
     forwards: list[Forward] = field(default_factory=list)
     duplicates: list[Event] = field(default_factory=list)
     late: list[Event] = field(default_factory=list)
+    #: for each forward, the index (in the user's input events) of the event it came from
+    forward_src: list[int] = field(default_factory=list)
+    #: for each late event, its index in the user's input events
+    late_src: list[int] = field(default_factory=list)
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
 
-def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome) -> list[Event]:
-    """Apply the order-independent features of one user's events; returns the accepted ones.
+def _apply_user_features(
+    state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome
+) -> tuple[list[Event], list[int]]:
+    """Apply the order-independent features of one user's events; returns the accepted ones and their indexes.
 
     Equal to applying the events one at a time, where each event that advances the
     user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
@@ -253,11 +259,12 @@ def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreCon
     counts = state.counts
     type_index = TYPE_INDEX
     accepted: list[Event] = []
+    accepted_at: list[int] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
     dups = out.duplicates
     late = out.late
-    for ev in events:
+    for i, ev in enumerate(events):
         ts = ev.ts_us
         eid = ev.event_id
         prev = seen.get(eid)
@@ -266,8 +273,10 @@ def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreCon
             continue
         if ts < horizon:
             late.append(ev)
+            out.late_src.append(i)
             continue
         seen[eid] = ts
+        accepted_at.append(i)
         if ts > max_ts:
             max_ts = ts
             horizon = ts - lateness
@@ -279,7 +288,7 @@ def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreCon
             ctx = ev.context
             session = (ts, eid, ctx.session_id, ctx.surface, ctx.device)
     if not accepted:
-        return accepted
+        return accepted, accepted_at
     state.session = session
     state.version += len(accepted)
     if max_ts > state.max_ts:
@@ -293,7 +302,7 @@ def _apply_user_features(state: UserState, events: Sequence[Event], cfg: CoreCon
         merged.sort(key=_recent_key, reverse=True)
         del merged[cfg.recent_n :]
         state.recent = merged
-    return accepted
+    return accepted, accepted_at
 
 
 def _recent_key(entry: tuple[int, str, str, str]) -> tuple[int, str]:
@@ -363,16 +372,23 @@ def apply_user_batch(
     news: list[UserState] = []
     outs: list[Outcome] = []
     accepted: list[list[Event]] = []
+    accepted_at: list[list[int]] = []
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
         out = Outcome()
-        acc = _apply_user_features(new, events, cfg, out)
+        acc, at = _apply_user_features(new, events, cfg, out)
         news.append(new)
         outs.append(out)
         accepted.append(acc)
-    positives = [[ev for ev in acc if ev.type in POSITIVE_WEIGHTS] for acc in accepted]
+        accepted_at.append(at)
+    weights = POSITIVE_WEIGHTS
+    # (user j, event index i, event) of each positive event, per user
+    positives = [
+        [(j, i, ev) for i, ev in zip(at, acc, strict=True) if ev.type in weights]
+        for j, (acc, at) in enumerate(zip(accepted, accepted_at, strict=True))
+    ]
     order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
-    snaps: dict[str, tuple[Vec, tuple[float, ...]]] = {}
+    snaps: dict[tuple[int, int], tuple[Vec, tuple[float, ...]]] = {}
     if order:
         dim = cfg.dim
         fresh = [j for j in order if news[j].vector is None]
@@ -388,8 +404,9 @@ def apply_user_batch(
             m = 0
             while m < len(order) and len(chunked[m]) > r:
                 m += 1
-            groups = [chunked[i][r] for i in range(m)]
-            evs = [ev for grp in groups for ev in grp]
+            groups = [chunked[q][r] for q in range(m)]
+            pos_r = [p for grp in groups for p in grp]
+            evs = [p[2] for p in pos_r]
             sizes = np.array([len(grp) for grp in groups])
             rows = np.repeat(np.arange(m), sizes)
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
@@ -403,9 +420,9 @@ def apply_user_batch(
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
-            lr = np.array([cfg.lr * POSITIVE_WEIGHTS[ev.type] for ev in evs], dtype=np.float32)
-            for ev, u_row, ns_row in zip(evs, Ue, neg_scores.tolist(), strict=True):
-                snaps[ev.event_id] = (u_row, tuple(ns_row))
+            lr = np.array([cfg.lr * weights[ev.type] for ev in evs], dtype=np.float32)
+            for (j, i, _ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
+                snaps[j, i] = (u_row, tuple(ns_row))
             U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
         # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
         for j, u_row in zip(order, U, strict=False):
@@ -416,7 +433,8 @@ def apply_user_batch(
     for j, (uid, _state, _events) in enumerate(batch):
         out = outs[j]
         fwds = out.forwards
-        for ev in accepted[j]:
+        src = out.forward_src
+        for i, ev in zip(accepted_at[j], accepted[j], strict=True):
             etype = ev.type
             eid = ev.event_id
             if etype is impression:
@@ -424,8 +442,10 @@ def apply_user_batch(
                 fwds.extend(
                     [_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in ev.items]
                 )
+                src.extend([i] * len(ev.items))
                 continue
-            snap = snaps.get(eid)
+            src.append(i)
+            snap = snaps.get((j, i))
             if snap is None:
                 fwds.append(_new(Forward, (ev.item_id, eid, etype, ev.ts_us, uid, None, (), True, None, None)))
             else:
