@@ -113,7 +113,6 @@ class _Decoded(NamedTuple):
 
 def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple[list[list[_Decoded]], int]:
     per_part: dict[int, list[_Decoded]] = defaultdict(list)
-    last_ts: dict[int, int] = {}
     decode = codec.decode
     new = tuple.__new__  # a NamedTuple from all its fields, without its generated __new__
     n = 0
@@ -124,14 +123,15 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
         try:
             ev = decode(rec.value, ref)
         except InvalidEvent as exc:
-            per_part[p].append(new(_Decoded, (last_ts.get(p, -1), p, rec.offset, None, rec, exc.reason)))
+            rows = per_part[p]  # a bad record takes the event time of the record before it
+            per_part[p].append(new(_Decoded, (rows[-1].ts_us if rows else -1, p, rec.offset, None, rec, exc.reason)))
             continue
-        last_ts[p] = ev.ts_us
         per_part[p].append(new(_Decoded, (ev.ts_us, p, rec.offset, ev, rec, "")))
     streams = []
     for p in sorted(per_part):
         rows = per_part[p]
-        if any(rows[i].offset > rows[i + 1].offset for i in range(len(rows) - 1)):
+        offsets = [r.offset for r in rows]
+        if offsets != sorted(offsets):
             rows.sort(key=lambda r: r.offset)  # stable: a reader that yields out of offset order
         streams.append(rows)
     return streams, n
