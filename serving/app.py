@@ -7,6 +7,7 @@ impression logger, metrics.
 
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import QueryParams
 from starlette.routing import Route
 
@@ -258,7 +259,9 @@ def _parse_exclude(raw: list[str] | None) -> frozenset[str]:
     return frozenset(out)
 
 
-_INT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
+_DIGITS_RE = re.compile(r"^[0-9]{1,9}$")
+#: anything but plain digits is parsed by pydantic itself (it accepts " 7 ", "+3", "5.0", ...)
+_INT_ADAPTER = TypeAdapter(int)
 _SURFACE_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 _SURFACE_RE = re.compile(_SURFACE_PATTERN)
 
@@ -289,10 +292,11 @@ def parse_recommendation_query(qp: QueryParams, opts: ServingOptions) -> rec.Req
     k = opts.default_k
     raw_k = qp.get("k")
     if raw_k is not None:
-        if not _INT_RE.match(raw_k):
-            errors.append("k: Input should be a valid integer, unable to parse string as an integer")
+        try:
+            k = int(raw_k) if _DIGITS_RE.match(raw_k) else _INT_ADAPTER.validate_python(raw_k)
+        except ValidationError as exc:
+            errors.append(f"k: {exc.errors()[0]['msg']}")
         else:
-            k = int(raw_k)
             if k < 1:
                 errors.append("k: Input should be greater than or equal to 1")
             elif k > opts.max_k:
@@ -315,12 +319,16 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings)
+        switch = sys.getswitchinterval()
+        if opts.gil_switch_interval_s > 0:
+            sys.setswitchinterval(opts.gil_switch_interval_s)
         runtime.start()
         app.state.runtime = runtime
         try:
             yield
         finally:
             runtime.stop()
+            sys.setswitchinterval(switch)
 
     app = FastAPI(
         title="freshrec",

@@ -117,7 +117,8 @@ class LiveState:
                 "group.id": "freshrec-serving-replica",  # required by librdkafka; no group is joined (assign)
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": s.serving.replica_fetch_wait_ms,
+                "fetch.min.bytes": s.serving.replica_fetch_min_bytes,
                 "fetch.error.backoff.ms": 50,
                 "reconnect.backoff.max.ms": 1000,
                 "error_cb": self._error_cb,

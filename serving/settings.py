@@ -72,8 +72,21 @@ class ServingOptions(BaseModel):
     trending_interval_s: float = Field(1.0, gt=0)
     #: log served slates to the impressions topic
     log_impressions: bool = True
+    #: the changelog replica's fetch: the broker answers when ``replica_fetch_min_bytes`` are there
+    #: or after ``replica_fetch_wait_ms``. Each fetch costs Tansu ~1 ms of CPU whatever it returns:
+    #: with min bytes 1 a replica under load re-fetches as fast as records trickle in (~200/s,
+    #: a fifth of a core of the broker on a 2-core box); this caps it at 1000/wait per second, at
+    #: a cost of up to ``replica_fetch_wait_ms`` of freshness
+    replica_fetch_wait_ms: int = Field(20, ge=1, le=1000)
+    replica_fetch_min_bytes: int = Field(1_000_000, ge=1)
     #: a replica is "caught up" after this long without new changelog records
     catch_up_quiet_s: float = Field(0.5, gt=0)
+    #: the interpreter's GIL switch interval while the API runs (seconds; 0 = leave it as it is).
+    #: The request path gives up the GIL several times per request (every HNSW search, socket
+    #: writes); each time a background thread (changelog replica, index apply, impressions) may
+    #: take it and keep it until the request thread has waited a full interval (Python's default:
+    #: 5 ms). A short interval bounds that wait.
+    gil_switch_interval_s: float = Field(0.0005, ge=0, le=0.1)
     index: IndexSettings = IndexSettings()
     rank: RankSettings = RankSettings()
     model_version: str = "blend-v1"

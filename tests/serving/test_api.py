@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -250,3 +251,76 @@ def test_index_snapshot_is_reloaded_then_followed_by_the_later_changes(live_sett
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+_QUERIES: list[dict[str, str | list[str]]] = [
+    {"user_id": "u1"},
+    {"user_id": "u1", "k": "7", "item_id": "i1", "surface": "home", "category": "a", "exclude": ["x,y", "z"]},
+    {"user_id": "u1", "k": " 7 "},
+    {"user_id": "u1", "k": "+3"},
+    {"user_id": "u1", "k": "5.0"},
+    {"user_id": "u1", "k": "5.5"},
+    {"user_id": "u1", "k": "1_0"},
+    {"user_id": "u1", "k": "-1"},
+    {"user_id": "u1", "k": "0"},
+    {"user_id": "u1", "k": "201"},
+    {"user_id": "u1", "k": "ten"},
+    {"k": "5"},
+    {},
+    {"user_id": "bad id!", "k": "0", "item_id": "no/slash"},
+    {"user_id": "x" * 300},
+    {"user_id": "u1", "surface": "s" * 65},
+    {"user_id": "u1", "surface": "bad surface"},
+    {"user_id": "u1", "category": "c" * 129},
+    {"user_id": "u1", "exclude": "ok,not ok"},
+    {"user_id": "u1", "exclude": ",".join(f"i{j}" for j in range(1001))},
+    {"user_id": "u1", "user_id ": "u2"},
+]
+
+
+def test_hand_validated_route_answers_exactly_like_the_documented_fastapi_route(api: Api) -> None:
+    # /v1/recommendations is served by a route that validates by hand (no FastAPI dependency
+    # solving); the FastAPI declaration stays the documented contract. Same server, same state:
+    # answer every query with the fast route, then with the FastAPI route alone, and compare.
+    _wait_ready(api)
+
+    def answers() -> list[tuple[int, object]]:
+        out: list[tuple[int, object]] = []
+        with api.client() as c:
+            for q in _QUERIES:
+                r = c.get("/v1/recommendations", params=q)
+                body = r.json()
+                out.append((r.status_code, body if r.status_code != 200 else (body["items"], body["fallback"])))
+        return out
+
+    fast = answers()
+    routes = api.app.router.routes
+    shadow = routes.pop(0)
+    assert getattr(shadow, "path", None) == "/v1/recommendations"
+    try:
+        documented = answers()
+    finally:
+        routes.insert(0, shadow)
+    assert [s for s, _ in fast].count(422) >= 10
+    assert fast == documented
+
+
+def test_impressions_are_logged_without_a_thread_wake_up_per_request(api: Api) -> None:
+    _publish_items(api.settings, {"p": (9, True, "a"), "q": (3, True, "a")})
+    _wait_items(api, 2)
+    _wait_ready(api)
+    rt = api.runtime
+    with api.client() as c:
+        for j in range(25):
+            assert c.get("/v1/recommendations", params={"user_id": f"v{j}", "k": 2}).status_code == 200
+    deadline = time.monotonic() + 10
+    while rt.impressions.sent < 25:  # drained by the logging thread every 20 ms
+        assert time.monotonic() < deadline, f"{rt.impressions.sent} of 25 impressions handed to the producer"
+        time.sleep(0.02)
+    assert rt.impressions.sent == 25 and rt.impressions.dropped == 0
+
+
+def test_the_api_shortens_the_gil_switch_interval_while_it_runs(api: Api) -> None:
+    # the request path releases the GIL on every HNSW search; a background thread that takes it
+    # then keeps it for at most this long before the request thread gets it back
+    assert sys.getswitchinterval() == pytest.approx(api.settings.serving.gil_switch_interval_s)
