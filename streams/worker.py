@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import resource
 import shutil
 import threading
 import time
@@ -105,6 +106,7 @@ class WorkerStats:
             "restored_records": self.restored_records,
             "state_cache_hits": self.state_cache_hits,
             "state_cache_misses": self.state_cache_misses,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "item_records": self.item_records,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,
