@@ -41,12 +41,14 @@ from typing import NamedTuple
 from replay.readers import LogRecord
 from streams import codec
 from streams.core.state import (
+    FORWARD_SLOTS,
     CoreConfig,
     Forward,
     ItemState,
     UserState,
     apply_item_batch,
     apply_user_batch,
+    forward_seqs,
 )
 from streams.core.vectors import ItemReplica
 from streams.errors import InvalidEvent
@@ -58,7 +60,7 @@ __all__ = ["FirstTouch", "ReplayResult", "replay_records", "LATE_REASON", "DEFAU
 LATE_REASON = "late_event"
 #: Records per replay batch: the live worker's default ``batch_size``.
 DEFAULT_BATCH_SIZE = 5000
-_SUB = 1024  # forwards per source record: position * _SUB + i, as the live worker numbers them
+_SUB = FORWARD_SLOTS  # forwards per source record: position * _SUB + i, as the live worker numbers them
 
 
 class FirstTouch(NamedTuple):
@@ -241,13 +243,7 @@ def _replay(
             res.duplicates += len(out.duplicates)
             for i in out.late_src:  # the original bytes, as the live worker sends them
                 dlq.append((chunk[seqs[i] - start].record.value, LATE_REASON))
-            prev, sub = -1, 0  # forwards of one record are numbered seq * _SUB + 0, 1, ...
-            for fw, i in zip(out.forwards, out.forward_src, strict=True):
-                if i == prev:
-                    sub += 1
-                else:
-                    prev, sub = i, 0
-                forwards.append((seqs[i] * _SUB + sub, fw))
+            forwards.extend(zip(forward_seqs(out, seqs), out.forwards, strict=True))
             users[uid] = new
         forwards.sort(key=_first)
         res.forwards += len(forwards)

@@ -42,12 +42,14 @@ from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
 from streams.core.state import (
+    FORWARD_SLOTS,
     CoreConfig,
     Forward,
     ItemState,
     UserState,
     apply_item_batch,
     apply_user_batch,
+    forward_seqs,
 )
 from streams.core.vectors import ItemReplica
 from streams.errors import InvalidEvent, StateMismatch
@@ -59,7 +61,7 @@ __all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state", "restore
 
 log = logging.getLogger(__name__)
 
-_SUB = 1024  # forwards per source record are numbered offset * _SUB + i (slates <= 1000)
+_SUB = FORWARD_SLOTS  # forwards per source record are numbered offset * _SUB + i (slates <= 1000)
 
 
 @dataclass
@@ -539,14 +541,8 @@ class StreamWorker:
             for i in out.late_src:
                 self._dlq(raw_at[offs[i]], "late_event",
                           "older than the user's newest event minus the allowed lateness")  # fmt: skip
-            prev, sub = -1, 0  # forwards of one record are numbered offset * _SUB + 0, 1, ...
-            for fw, i in zip(out.forwards, out.forward_src, strict=True):
-                if i == prev:
-                    sub += 1
-                else:
-                    prev, sub = i, 0
-                o = offs[i]
-                forwards.append((o * _SUB + sub, fw, rec_ts[o]))
+            for seq, fw, i in zip(forward_seqs(out, offs), out.forwards, out.forward_src, strict=True):
+                forwards.append((seq, fw, rec_ts[offs[i]]))
             key = STATE_PREFIX + uid.encode()
             value = serde.encode_user(new)
             puts[key] = value

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -41,6 +41,8 @@ __all__ = [
     "Forward",
     "ItemVectorSource",
     "Outcome",
+    "FORWARD_SLOTS",
+    "forward_seqs",
     "TYPE_INDEX",
     "apply_user_events",
     "apply_user_batch",
@@ -238,6 +240,27 @@ class Outcome:
     late_src: list[int] = field(default_factory=list)
 
 
+#: forwards per source record: a forward's sequence number is ``position * FORWARD_SLOTS + i`` (slates <= 1000)
+FORWARD_SLOTS = 1024
+
+
+def forward_seqs(out: Outcome, positions: Sequence[int]) -> list[int]:
+    """The sequence number of each forward of ``out``, in the numbering the item stage dedups by.
+
+    ``positions[i]`` is the source position (input offset live, replay position offline) of the
+    user's i-th input event; the forwards of one record get ``position * FORWARD_SLOTS + 0, 1, ...``.
+    """
+    seqs: list[int] = []
+    prev, sub = -1, 0
+    for i in out.forward_src:
+        if i == prev:
+            sub += 1
+        else:
+            prev, sub = i, 0
+        seqs.append(positions[i] * FORWARD_SLOTS + sub)
+    return seqs
+
+
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
@@ -333,6 +356,25 @@ def _chunks(xs: list[_T], rounds: int) -> list[list[_T]]:
     return [xs[bounds[i] : bounds[i + 1]] for i in range(rounds)]
 
 
+def _rounds(
+    per_key: list[list[_T]], max_rounds: int
+) -> Iterator[tuple[int, list[_T], npt.NDArray[np.int_], npt.NDArray[np.intp]]]:
+    """The embedding rounds of one batch; ``per_key`` is sorted by decreasing length.
+
+    Each key's items are cut into at most ``max_rounds`` chunks; round r yields the number
+    ``m`` of keys that still have a chunk, their r-th chunks flattened, the chunk sizes and
+    each flattened item's key row (0..m-1).
+    """
+    chunked = [_chunks(xs, max_rounds) for xs in per_key]
+    for r in range(len(chunked[0]) if chunked else 0):
+        m = 0
+        while m < len(chunked) and len(chunked[m]) > r:
+            m += 1
+        groups = [chunked[q][r] for q in range(m)]
+        sizes = np.array([len(grp) for grp in groups])
+        yield m, [x for grp in groups for x in grp], sizes, np.repeat(np.arange(m), sizes)
+
+
 def _damped_step(
     contrib: npt.NDArray[np.float32],
     lr: npt.NDArray[np.float32],
@@ -399,16 +441,8 @@ def apply_user_batch(
         U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
-        chunked = [_chunks(positives[j], cfg.max_rounds) for j in order]
-        for r in range(len(chunked[0])):
-            m = 0
-            while m < len(order) and len(chunked[m]) > r:
-                m += 1
-            groups = [chunked[q][r] for q in range(m)]
-            pos_r = [p for grp in groups for p in grp]
+        for m, pos_r, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
             evs = [p[2] for p in pos_r]
-            sizes = np.array([len(grp) for grp in groups])
-            rows = np.repeat(np.arange(m), sizes)
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
             hs = np.fromiter((_crc32(ev.event_id.encode(), seed) for ev in evs), dtype=np.uint64, count=len(evs))
             negs = items.sample_many(hs, cfg.negatives)
@@ -597,15 +631,7 @@ def _item_steps(
             news[j].vector = init[row]
     V = _rows([news[j].vector for j in order], cfg.dim)  # type: ignore[misc]
     reg = np.float32(cfg.reg)
-    chunked = [_chunks(steps[j], cfg.max_rounds) for j in order]
-    for r in range(len(chunked[0])):
-        m = 0
-        while m < len(order) and len(chunked[m]) > r:
-            m += 1
-        groups = [chunked[i][r] for i in range(m)]
-        fws = [fw for grp in groups for fw in grp]
-        sizes = np.array([len(grp) for grp in groups])
-        rows = np.repeat(np.arange(m), sizes)
+    for m, fws, sizes, rows in _rounds([steps[j] for j in order], cfg.max_rounds):
         Ur = _rows([fw.user_vector for fw in fws], cfg.dim)  # type: ignore[misc]
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
