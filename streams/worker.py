@@ -398,11 +398,31 @@ class StreamWorker:
                     log.warning("consumer error: %s", err)
                 continue
             groups[(cast(str, m.topic()), cast(int, m.partition()))].append(m)
+        fresh_user: list[int] = []
+        fresh_item: list[int] = []
+        try:
+            self._apply_and_commit(groups, fresh_user, fresh_item)
+        except BaseException:
+            # cached states are mutated in place before the commit: never keep them past a failure
+            for shard in self._shards.values():
+                shard.cache.clear()
+            raise
+        now_ms = self.clock() * 1000.0
+        self._sample(self.stats.user_fresh_ms, fresh_user, now_ms)
+        self._sample(self.stats.item_fresh_ms, fresh_item, now_ms)
+        self.stats.batches += 1
+        self.stats.last_batch_at = now_ms / 1000.0
+        self._maybe_write_stats()
+        return len(msgs)
+
+    def _apply_and_commit(
+        self, groups: dict[tuple[str, int], list[Message]], fresh_user: list[int], fresh_item: list[int]
+    ) -> None:
+        """Apply the batch's groups, flush everything produced, then commit one WriteBatch per shard."""
+        assert self._producer is not None
         # one pending write set per shard: user shard p is fed by two topics (events and
         # impressions), and the second group must see the first group's new states
         writes: dict[tuple[str, int], tuple[_Shard, dict[bytes, bytes]]] = {}
-        fresh_user: list[int] = []
-        fresh_item: list[int] = []
         by_item = self.settings.topics.by_item
         for (topic, partition), batch in groups.items():
             stage = "item" if topic == by_item else "user"
@@ -420,13 +440,6 @@ class StreamWorker:
         sync = self.settings.sync_writes
         for shard, puts in writes.values():
             shard.store.write(puts, sync=sync)
-        now_ms = self.clock() * 1000.0
-        self._sample(self.stats.user_fresh_ms, fresh_user, now_ms)
-        self._sample(self.stats.item_fresh_ms, fresh_item, now_ms)
-        self.stats.batches += 1
-        self.stats.last_batch_at = now_ms / 1000.0
-        self._maybe_write_stats()
-        return len(msgs)
 
     @staticmethod
     def _sample(store: list[float], ts_ms: list[int], now_ms: float) -> None:

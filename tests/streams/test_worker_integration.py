@@ -241,3 +241,47 @@ def test_state_cache_gives_the_same_counts_as_the_store(live_settings: Settings,
     if cache_entries == 12:
         assert worker.stats.state_cache_misses > 300  # evicted states were read back from RocksDB
     assert _user_counts(s) == expected
+
+
+class _ReportsUndelivered:
+    """The worker's real producer, except that ``flush`` reports one record as not delivered."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def flush(self, timeout: float = -1) -> int:
+        self._real.flush(timeout)  # type: ignore[attr-defined]
+        return 1
+
+
+def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    for i in range(20):
+        producer.produce(s.topics.events, _event(i, f"u{i % 4}", f"i{i}"), f"u{i % 4}".encode())
+    producer.flush(10)
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.stats.events < 20:
+            assert time.monotonic() < deadline
+            worker.step()
+        assert any(shard.cache for shard in worker._shards.values())
+        for i in range(20, 30):
+            producer.produce(s.topics.events, _event(i, "u1", f"i{i}"), b"u1")
+        producer.flush(10)
+        real = worker._producer
+        worker._producer = _ReportsUndelivered(real)  # type: ignore[assignment]
+        with pytest.raises(RuntimeError, match="not delivered"):
+            while True:
+                assert time.monotonic() < deadline
+                worker.step()
+        worker._producer = real
+        assert not any(shard.cache for shard in worker._shards.values())
+    finally:
+        worker.close()
