@@ -87,6 +87,9 @@ class ServingOptions(BaseModel):
     #: take it and keep it until the request thread has waited a full interval (Python's default:
     #: 5 ms). A short interval bounds that wait.
     gil_switch_interval_s: float = Field(0.0005, ge=0, le=0.1)
+    #: ``gc.freeze()`` the heap once the replicas caught up (a full collection over the 1M-item
+    #: catalog and index costs ~35 ms with the GIL held; see ``Runtime.freeze_heap``)
+    gc_freeze: bool = True
     index: IndexSettings = IndexSettings()
     rank: RankSettings = RankSettings()
     model_version: str = "blend-v1"

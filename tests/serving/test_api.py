@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -324,3 +325,12 @@ def test_the_api_shortens_the_gil_switch_interval_while_it_runs(api: Api) -> Non
     # the request path releases the GIL on every HNSW search; a background thread that takes it
     # then keeps it for at most this long before the request thread gets it back
     assert sys.getswitchinterval() == pytest.approx(api.settings.serving.gil_switch_interval_s)
+
+
+def test_the_heap_is_frozen_for_the_cyclic_gc_once_the_replica_caught_up(api: Api) -> None:
+    _wait_ready(api)
+    deadline = time.monotonic() + 10
+    while gc.get_freeze_count() == 0:  # frozen by the index thread right after catching up
+        assert time.monotonic() < deadline, "the heap was never frozen"
+        time.sleep(0.02)
+    assert gc.get_freeze_count() > 1000
