@@ -64,6 +64,7 @@ _IMPR = TYPE_INDEX[EventType.IMPRESSION]
 _CLICK = TYPE_INDEX[EventType.CLICK]
 B5_US = 300 * 1_000_000  # 5-minute buckets
 B60_US = 3_600 * 1_000_000  # hourly buckets
+_B5_PER_B60 = B60_US // B5_US  # floor(floor(t / a) / b) == floor(t / (a * b)): hour buckets from 5-minute ones
 KEEP_B5 = 24  # 2 hours of 5-minute buckets
 KEEP_B60 = 48  # 2 days of hourly buckets
 
@@ -546,8 +547,7 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     upsert = EventType.ITEM_UPSERT
     counts = new.counts
     type_index = TYPE_INDEX
-    d5: dict[int, list[int]] = {}
-    d60: dict[int, list[int]] = {}
+    by_ts: dict[tuple[int, EventType], int] = {}  # (5-minute bucket, type) -> forwards, bucketed at the end
     mine: list[Forward] = []
     version = new.version
     max_ts = new.max_ts
@@ -569,28 +569,37 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
                     mine = []
                 new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
             continue
-        version += 1
-        counts[type_index[etype]] += 1
         ts = fw.ts_us
         if ts > max_ts:
             max_ts = ts
-        i, c, p = _SLOTS[etype]
-        b = d5.get(ts // B5_US)
-        if b is None:
-            d5[ts // B5_US] = [i, c, p]
-        else:
-            b[0] += i
-            b[1] += c
-            b[2] += p
-        b = d60.get(ts // B60_US)
-        if b is None:
-            d60[ts // B60_US] = [i, c, p]
-        else:
-            b[0] += i
-            b[1] += c
-            b[2] += p
+        key2 = (ts // B5_US, etype)
+        by_ts[key2] = by_ts.get(key2, 0) + 1
         if fw.user_vector is not None:
             mine.append(fw)
+    if not by_ts:
+        new.version = version
+        return mine
+    d5: dict[int, list[int]] = {}
+    d60: dict[int, list[int]] = {}
+    for (idx5, etype), n in by_ts.items():
+        version += n
+        counts[type_index[etype]] += n
+        i, c, p = _SLOTS[etype]
+        b = d5.get(idx5)
+        if b is None:
+            d5[idx5] = [i * n, c * n, p * n]
+        else:
+            b[0] += i * n
+            b[1] += c * n
+            b[2] += p * n
+        idx60 = idx5 // _B5_PER_B60
+        b = d60.get(idx60)
+        if b is None:
+            d60[idx60] = [i * n, c * n, p * n]
+        else:
+            b[0] += i * n
+            b[1] += c * n
+            b[2] += p * n
     new.version = version
     if d5:
         _merge_buckets(new.b5, d5, KEEP_B5, new.max_ts // B5_US)
