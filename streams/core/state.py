@@ -60,6 +60,7 @@ _T = TypeVar("_T")
 
 TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
 N_TYPES = len(TYPE_INDEX)
+_TYPE_VALUE: dict[EventType, str] = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
 _IMPR = TYPE_INDEX[EventType.IMPRESSION]
 _CLICK = TYPE_INDEX[EventType.CLICK]
 B5_US = 300 * 1_000_000  # 5-minute buckets
@@ -307,7 +308,7 @@ def _apply_user_features(
         counts[type_index[ev.type]] += 1
         accepted.append(ev)
         if ev.item_id is not None:
-            new_recent.append((ts, eid, ev.item_id, ev.type.value))
+            new_recent.append((ts, eid, ev.item_id, _TYPE_VALUE[ev.type]))
         if session is None or (ts, eid) > (session[0], session[1]):
             ctx = ev.context
             session = (ts, eid, ctx.session_id, ctx.surface, ctx.device)
@@ -323,14 +324,10 @@ def _apply_user_features(
         # newest first by (event_time, event_id): the top recent_n of old and new entries, which
         # is what inserting them one at a time and truncating gives (keys are unique: see above)
         merged = state.recent + new_recent
-        merged.sort(key=_recent_key, reverse=True)
+        merged.sort(reverse=True)  # (event_time, event_id) is unique, so the rest never decides
         del merged[cfg.recent_n :]
         state.recent = merged
     return accepted, accepted_at
-
-
-def _recent_key(entry: tuple[int, str, str, str]) -> tuple[int, str]:
-    return (entry[0], entry[1])
 
 
 def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
@@ -431,7 +428,10 @@ def apply_user_batch(
         for j, (acc, at) in enumerate(zip(accepted, accepted_at, strict=True))
     ]
     order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
-    snaps: dict[tuple[int, int], tuple[Vec, tuple[float, ...]]] = {}
+    # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
+    # positives, so appending round by round keeps each list in the order of the user's positives
+    pos_fw: list[list[Forward]] = [[] for _ in batch]
+    uids = [b[0] for b in batch]
     if order:
         dim = cfg.dim
         fresh = [j for j in order if news[j].vector is None]
@@ -456,8 +456,11 @@ def apply_user_batch(
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = np.array([cfg.lr * weights[ev.type] for ev in evs], dtype=np.float32)
-            for (j, i, _ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
-                snaps[j, i] = (u_row, tuple(ns_row))
+            for (j, _i, ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
+                pos_fw[j].append(
+                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, uids[j], u_row, tuple(ns_row), True,
+                                   None, None))
+                )  # fmt: skip
             U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
         # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
         for j, u_row in zip(order, U, strict=False):
@@ -465,26 +468,25 @@ def apply_user_batch(
             news[j].steps += len(positives[j])
     results = []
     impression = EventType.IMPRESSION
-    for j, (uid, _state, _events) in enumerate(batch):
+    for j, uid in enumerate(uids):
         out = outs[j]
         fwds = out.forwards
         src = out.forward_src
+        positive = iter(pos_fw[j])
         for i, ev in zip(accepted_at[j], accepted[j], strict=True):
             etype = ev.type
-            eid = ev.event_id
             if etype is impression:
-                ts = ev.ts_us
+                eid, ts = ev.event_id, ev.ts_us
                 fwds.extend(
                     [_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in ev.items]
                 )
                 src.extend([i] * len(ev.items))
-                continue
-            src.append(i)
-            snap = snaps.get((j, i))
-            if snap is None:
-                fwds.append(_new(Forward, (ev.item_id, eid, etype, ev.ts_us, uid, None, (), True, None, None)))
+            elif etype in weights:  # the vector snapshot and negatives' scores of its BPR step
+                fwds.append(next(positive))
+                src.append(i)
             else:
-                fwds.append(_new(Forward, (ev.item_id, eid, etype, ev.ts_us, uid, snap[0], snap[1], True, None, None)))
+                fwds.append(_new(Forward, (ev.item_id, ev.event_id, etype, ev.ts_us, uid, None, (), True, None, None)))
+                src.append(i)
         results.append((news[j], out))
     return results
 
