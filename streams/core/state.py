@@ -384,9 +384,13 @@ def _damped_step(
 
     For a chunk of one event this is exactly that event's SGD step.
     """
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    mean_contrib = np.add.reduceat(contrib, starts, axis=0) / sizes[:, None]
-    mean_lr = np.add.reduceat(lr, starts) / sizes
+    if len(sizes) == len(contrib):  # every chunk holds one event (same dtypes as the general path)
+        mean_contrib = contrib / sizes[:, None]
+        mean_lr = lr / sizes
+    else:
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        mean_contrib = np.add.reduceat(contrib, starts, axis=0) / sizes[:, None]
+        mean_lr = np.add.reduceat(lr, starts) / sizes
     scale = np.sqrt(sizes).astype(np.float32)[:, None]
     out: npt.NDArray[np.float32] = (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)
     return out
@@ -642,16 +646,19 @@ def _item_steps(
             news[j].vector = init[row]
     V = _rows([news[j].vector for j in order], cfg.dim)  # type: ignore[misc]
     reg = np.float32(cfg.reg)
+    lr_of = {t: cfg.lr * POSITIVE_WEIGHTS.get(t, 0.0) for t in EventType}
     for m, fws, sizes, rows in _rounds([steps[j] for j in order], cfg.max_rounds):
         Ur = _rows([fw.user_vector for fw in fws], cfg.dim)  # type: ignore[misc]
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
-        lens = {len(fw.neg_scores) for fw in fws}
-        if len(lens) == 1 and 0 not in lens:  # the usual case: every forward has k negatives
+        try:  # the usual case: every forward has the same k > 0 negatives
             NS = np.array([fw.neg_scores for fw in fws], dtype=np.float32)
+        except ValueError:  # ragged
+            NS = np.zeros((0, 0), dtype=np.float32)
+        if NS.ndim == 2 and NS.shape[0] == len(fws) and NS.shape[1] > 0:
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(NS.shape[1])
         else:
-            k = max(lens) or 1
+            k = max(len(fw.neg_scores) for fw in fws) or 1
             NS = np.zeros((len(fws), k), dtype=np.float32)
             mask = np.zeros((len(fws), k), dtype=np.float32)
             for i, fw in enumerate(fws):
@@ -662,7 +669,7 @@ def _item_steps(
                 else:
                     mask[i, 0] = 1.0
             g = (_sigmoid(NS - pos[:, None]) * mask).sum(axis=1) / mask.sum(axis=1)
-        lr = np.array([cfg.lr * POSITIVE_WEIGHTS.get(fw.type, 0.0) for fw in fws], dtype=np.float32)
+        lr = np.array([lr_of[fw.type] for fw in fws], dtype=np.float32)
         V[:m] = V[:m] + _damped_step((lr * g)[:, None] * Ur, lr, sizes, V[:m], reg)
     for row, j in enumerate(order):
         news[j].vector = V[row].copy()
