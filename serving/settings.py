@@ -73,12 +73,11 @@ class ServingOptions(BaseModel):
     #: log served slates to the impressions topic
     log_impressions: bool = True
     #: the changelog replica's fetch: the broker answers when ``replica_fetch_min_bytes`` are there
-    #: or after ``replica_fetch_wait_ms``. Each fetch costs Tansu ~1 ms of CPU whatever it returns:
-    #: with min bytes 1 a replica under load re-fetches as fast as records trickle in (~200/s,
-    #: a fifth of a core of the broker on a 2-core box); this caps it at 1000/wait per second, at
-    #: a cost of up to ``replica_fetch_wait_ms`` of freshness
-    replica_fetch_wait_ms: int = Field(20, ge=1, le=1000)
-    replica_fetch_min_bytes: int = Field(1_000_000, ge=1)
+    #: or after ``replica_fetch_wait_ms``. Each idle Tansu fetch costs the broker ~1 ms of CPU (one
+    #: idle replica at 10 ms: ~18% of a core); 1 MB / 20 ms halves that when idle but measured no
+    #: saving under load (BENCHMARKS.md) and adds up to 20 ms of freshness, hence the defaults
+    replica_fetch_wait_ms: int = Field(10, ge=1, le=1000)
+    replica_fetch_min_bytes: int = Field(1, ge=1)
     #: a replica is "caught up" after this long without new changelog records
     catch_up_quiet_s: float = Field(0.5, gt=0)
     #: the interpreter's GIL switch interval while the API runs (seconds; 0 = leave it as it is).
