@@ -12,11 +12,12 @@ holds:
   index may be. With ``min_move`` > 0 a live item whose vector moved less than that fraction
   of its length (compared with the vector the graph holds) keeps its graph position and only
   its exact-score copy is replaced.
-* **Reads scatter-gather.** ``search`` asks every shard for ``k`` plus the excluded items
-  that live there plus a margin (or for ``rerank`` candidates if that is more), scores every
-  candidate *exactly* (inner product with the stored float32 copy of the vector), merges by
-  score and drops the excluded items. Scores are therefore exact dot products, never
-  hnswlib's ``1 - distance`` rounding.
+* **Reads scatter-gather.** ``search`` asks every shard for its share of ``k`` (``shard_k``)
+  plus twice the excluded items that live there plus a margin (or for ``rerank`` candidates
+  if that is more), takes a copy of the candidates' stored float32 vectors, then scores the
+  candidates of all shards *exactly* in one ``einsum``, sorts them once and reads the sorted
+  list skipping excluded ids. Scores are therefore exact dot products, never hnswlib's
+  ``1 - distance`` rounding.
 * **Inner product, two graph options** (``benchmarks/ann.py``, 1M x 64, 4 shards, M=16,
   recall@100 at ef=100 / 200 / 400 / 800). Default (``mips=False``): hnswlib's own
   inner-product graph. It is robust when vector norms vary widely (popularity-driven
