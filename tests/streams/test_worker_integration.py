@@ -258,7 +258,7 @@ class _ReportsUndelivered:
 
 
 def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None:
-    s = live_settings.model_copy(update={"state_cache_entries": 100_000})
+    s = live_settings.model_copy(update={"state_cache_entries": 100_000})  # the default, spelled out
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
     for i in range(20):
