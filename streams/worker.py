@@ -427,7 +427,9 @@ class StreamWorker:
         # impressions), and the second group must see the first group's new states
         writes: dict[tuple[str, int], tuple[_Shard, dict[bytes, bytes]]] = {}
         by_item = self.settings.topics.by_item
-        for (topic, partition), batch in groups.items():
+        # user-stage groups first: their changelog records (what a click changes for the next
+        # recommendation) leave for the broker while the item stage of the same batch still runs
+        for (topic, partition), batch in sorted(groups.items(), key=lambda kv: kv[0][0] == by_item):
             stage = "item" if topic == by_item else "user"
             shard, pending = writes.setdefault((stage, partition), (self._shard(stage, partition), {}))
             if stage == "item":
