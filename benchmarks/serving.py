@@ -235,6 +235,9 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(ROOT / ".freshrec" / "bench-cache"))
+    ap.add_argument("--background-nice", type=int, default=0,
+                    help="niceness of the broker and the worker (the API, hello and the load generator stay at 0): "
+                         "how a latency-critical service is deployed beside batch work on a shared host")  # fmt: skip
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="freshrec-serving-"))
@@ -258,6 +261,11 @@ def main() -> None:
                "FRESHREC_PARTITIONS": str(args.partitions)}  # fmt: skip
         procs.append(spawn([sys.executable, "-m", "streams.cli", "worker", "--data-dir", settings.data_dir],
                            env, tmp / "worker.log"))  # fmt: skip
+        if args.background_nice:
+            for pid in (procs[-1].pid, broker._proc.pid if broker._proc is not None else None):
+                if pid is not None:
+                    os.setpriority(os.PRIO_PROCESS, pid, args.background_nice)
+            log(f"broker and worker at nice {args.background_nice}")
         api_port, hello_port = free_port(), free_port()
         ix = "FRESHREC_SERVING__INDEX__"
         api_env = {**env, f"{ix}SNAPSHOT_DIR": str(snap), f"{ix}SAVE_ON_EXIT": "false", f"{ix}EF": str(args.ef),
