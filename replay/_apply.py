@@ -20,14 +20,11 @@ from streams.core.state import (
     UserState,
     apply_item_batch,
     apply_user_batch,
+    upsert_forward,
 )
 from streams.events import Event, EventType
 
 __all__ = ["apply_batch"]
-
-
-def _upsert_forward(ev: Event, item_id: str) -> Forward:
-    return Forward(item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector)
 
 
 def apply_batch(
@@ -51,7 +48,7 @@ def apply_batch(
     for ev in events:
         if ev.type is EventType.ITEM_UPSERT:  # routed by type, as the live worker does
             if ev.item_id is not None:
-                by_item[ev.item_id].append(_upsert_forward(ev, ev.item_id))
+                by_item[ev.item_id].append(upsert_forward(ev))
         elif ev.user_id is not None:
             by_user[ev.user_id].append(ev)
     batch = [(uid, users.get(uid), evs) for uid, evs in by_user.items()]

@@ -49,6 +49,7 @@ from streams.core.state import (
     apply_item_batch,
     apply_user_batch,
     forward_seqs,
+    upsert_forward,
 )
 from streams.core.vectors import ItemReplica
 from streams.errors import InvalidEvent
@@ -60,7 +61,6 @@ __all__ = ["FirstTouch", "ReplayResult", "replay_records", "LATE_REASON", "DEFAU
 LATE_REASON = "late_event"
 #: Records per replay batch: the live worker's default ``batch_size``.
 DEFAULT_BATCH_SIZE = 5000
-_SUB = FORWARD_SLOTS  # forwards per source record: position * _SUB + i, as the live worker numbers them
 
 
 class FirstTouch(NamedTuple):
@@ -209,11 +209,7 @@ def _replay(
                 dlq.append((row.record.value, row.reason))
                 continue
             if ev.type is upsert:
-                assert ev.item_id is not None
-                forwards.append(
-                    (seq * _SUB, Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, eligible=ev.eligible,
-                                         category=ev.category, bootstrap=ev.vector))
-                )  # fmt: skip
+                forwards.append((seq * FORWARD_SLOTS, upsert_forward(ev)))
                 continue
             uid = ev.user_id
             assert uid is not None
@@ -254,8 +250,8 @@ def _replay(
             if lst2 is None:
                 lst2 = per_item[iid] = []
                 if ("item", iid) not in first:
-                    row = chunk[fseq // _SUB - start]
-                    first["item", iid] = FirstTouch(fseq // _SUB, row.partition, row.offset, fw.event_id)
+                    row = chunk[fseq // FORWARD_SLOTS - start]
+                    first["item", iid] = FirstTouch(fseq // FORWARD_SLOTS, row.partition, row.offset, fw.event_id)
             lst2.append(fw)
         item_work = [(iid, items.get(iid), fws) for iid, fws in per_item.items()]
         for (iid, _, _), new_item in zip(item_work, apply_item_batch(item_work, cfg, in_place=True), strict=True):

@@ -50,6 +50,7 @@ from streams.core.state import (
     apply_item_batch,
     apply_user_batch,
     forward_seqs,
+    upsert_forward,
 )
 from streams.core.vectors import ItemReplica
 from streams.errors import InvalidEvent, StateMismatch
@@ -60,8 +61,6 @@ from streams.store import META_PREFIX, STATE_PREFIX, Store, open_store, shard_pa
 __all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state", "restore_from_changelog"]
 
 log = logging.getLogger(__name__)
-
-_SUB = FORWARD_SLOTS  # forwards per source record are numbered offset * _SUB + i (slates <= 1000)
 
 
 @dataclass
@@ -133,8 +132,8 @@ class _Shard:
 
     ``cache`` holds decoded states, write-through: a state enters it only together with the
     write that stores it, and the cache lives and dies with the shard (dropped on revoke; a
-    crash loses the process). States are mutated in place by the core, so a failed batch must
-    never leave the cache behind: the loop raises and the process exits on any failure.
+    crash loses the process). States are mutated in place by the core before the commit, so
+    ``step`` empties every shard's cache when a batch fails.
     """
 
     def __init__(self, store: Store, stage: str, partition: int, cache_entries: int = 0) -> None:
@@ -529,11 +528,7 @@ class StreamWorker:
             rec_ts[off] = ts_ms
             raw_at[off] = m
             if ev.type is EventType.ITEM_UPSERT:
-                assert ev.item_id is not None
-                forwards.append(
-                    (off * _SUB, Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, eligible=ev.eligible,
-                                         category=ev.category, bootstrap=ev.vector), ts_ms)
-                )  # fmt: skip
+                forwards.append((off * FORWARD_SLOTS, upsert_forward(ev), ts_ms))
                 continue
             assert ev.user_id is not None
             per_user[ev.user_id].append((off, ev))

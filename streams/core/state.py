@@ -43,6 +43,7 @@ __all__ = [
     "Outcome",
     "FORWARD_SLOTS",
     "forward_seqs",
+    "upsert_forward",
     "TYPE_INDEX",
     "apply_user_events",
     "apply_user_batch",
@@ -244,6 +245,12 @@ class Outcome:
         self.late_src: list[int] = []
 
 
+def upsert_forward(ev: Event) -> Forward:
+    """The item stage's input for an ``item_upsert`` event (it skips the user stage)."""
+    assert ev.item_id is not None  # guaranteed by the codec for item_upsert
+    return Forward(ev.item_id, ev.event_id, ev.type, ev.ts_us, None, None, (), ev.eligible, ev.category, ev.vector)
+
+
 #: forwards per source record: a forward's sequence number is ``position * FORWARD_SLOTS + i`` (slates <= 1000)
 FORWARD_SLOTS = 1024
 
@@ -428,11 +435,8 @@ def apply_user_batch(
         accepted.append(acc)
         accepted_at.append(at)
     weights = POSITIVE_WEIGHTS
-    # (user j, event index i, event) of each positive event, per user
-    positives = [
-        [(j, i, ev) for i, ev in zip(at, acc, strict=True) if ev.type in weights]
-        for j, (acc, at) in enumerate(zip(accepted, accepted_at, strict=True))
-    ]
+    # (user j, event) of each positive event, per user
+    positives = [[(j, ev) for ev in acc if ev.type in weights] for j, acc in enumerate(accepted)]
     order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
@@ -442,14 +446,14 @@ def apply_user_batch(
         dim = cfg.dim
         fresh = [j for j in order if news[j].vector is None]
         if fresh:
-            init = init_matrix([batch[j][0] for j in fresh], cfg, "u")
+            init = init_matrix([uids[j] for j in fresh], cfg, "u")
             for row, j in enumerate(fresh):
                 news[j].vector = init[row]
         U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
         for m, pos_r, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
-            evs = [p[2] for p in pos_r]
+            evs = [p[1] for p in pos_r]
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
             hs = np.fromiter((_crc32(ev.event_id.encode(), seed) for ev in evs), dtype=np.uint64, count=len(evs))
             negs = items.sample_many(hs, cfg.negatives)
@@ -462,7 +466,7 @@ def apply_user_batch(
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = np.array([cfg.lr * weights[ev.type] for ev in evs], dtype=np.float32)
-            for (j, _i, ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
+            for (j, ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
                 pos_fw[j].append(
                     _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, uids[j], u_row, tuple(ns_row), True,
                                    None, None))
@@ -527,16 +531,20 @@ def _merge_buckets(buckets: dict[int, list[int]], deltas: dict[int, list[int]], 
             for idx in [k for k in buckets if k < top - keep]:
                 del buckets[idx]
     lo = top - keep
-    for idx, d in deltas.items():
-        if idx < lo:
-            continue
-        counts = buckets.get(idx)
-        if counts is None:
-            buckets[idx] = d
-        else:
-            counts[0] += d[0]
-            counts[1] += d[1]
-            counts[2] += d[2]
+    for idx, (imp, clk, pos) in deltas.items():
+        if idx >= lo:
+            _add_counts(buckets, idx, imp, clk, pos)
+
+
+def _add_counts(buckets: dict[int, list[int]], idx: int, imp: int, clk: int, pos: int) -> None:
+    """Add (impressions, clicks, positives) to bucket ``idx``, creating it when missing."""
+    counts = buckets.get(idx)
+    if counts is None:
+        buckets[idx] = [imp, clk, pos]
+    else:
+        counts[0] += imp
+        counts[1] += clk
+        counts[2] += pos
 
 
 #: bucket slots an event type counts in: impressions, clicks, positive interactions
@@ -584,30 +592,14 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
         by_ts[key2] = by_ts.get(key2, 0) + 1
         if fw.user_vector is not None:
             mine.append(fw)
-    if not by_ts:
-        new.version = version
-        return mine
     d5: dict[int, list[int]] = {}
     d60: dict[int, list[int]] = {}
     for (idx5, etype), n in by_ts.items():
         version += n
         counts[type_index[etype]] += n
         i, c, p = _SLOTS[etype]
-        b = d5.get(idx5)
-        if b is None:
-            d5[idx5] = [i * n, c * n, p * n]
-        else:
-            b[0] += i * n
-            b[1] += c * n
-            b[2] += p * n
-        idx60 = idx5 // _B5_PER_B60
-        b = d60.get(idx60)
-        if b is None:
-            d60[idx60] = [i * n, c * n, p * n]
-        else:
-            b[0] += i * n
-            b[1] += c * n
-            b[2] += p * n
+        _add_counts(d5, idx5, i * n, c * n, p * n)
+        _add_counts(d60, idx5 // _B5_PER_B60, i * n, c * n, p * n)
     new.version = version
     if d5:
         _merge_buckets(new.b5, d5, KEEP_B5, new.max_ts // B5_US)
