@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from streams.broker import ensure_topics
 from streams.config import Settings
@@ -32,6 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def _event(i: int, user: str, item: str, etype: str = "click") -> bytes:
     return orjson.dumps({"event_id": f"e{i}", "type": etype, "user_id": user, "item_id": item,
                          "event_time": "2026-11-22T10:00:00Z", "schema_version": 1})  # fmt: skip
+
+
+def _produce_clicks(producer: Producer, s: Settings, ids: range, users: int, items: int) -> None:
+    """Clicks ``e<i>`` by user ``u<i % users>`` on item ``i<i % items>``, keyed by user, flushed."""
+    for i in ids:
+        producer.produce(s.topics.events, _event(i, f"u{i % users}", f"i{i % items}"), f"u{i % users}".encode())
+    producer.flush(10)
 
 
 def _read_all(settings: Settings, topic: str, partitions: int) -> list[object]:
@@ -205,17 +212,13 @@ def test_a_shard_without_local_state_is_restored_from_its_changelog(live_setting
     s = live_settings
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
-    for i in range(70):
-        producer.produce(s.topics.events, _event(i, f"u{i % 7}", f"i{i % 5}"), f"u{i % 7}".encode())
-    producer.flush(10)
+    _produce_clicks(producer, s, range(70), users=7, items=5)
     first = StreamWorker(s)
     _run_until(first, lambda: first.stats.events >= 70 and first.stats.item_records >= 70)
 
     # the same group on a new host: an empty data directory, the log and changelogs intact
     moved = s.model_copy(update={"data_dir": str(tmp_path / "new-host")})
-    for i in range(100, 114):
-        producer.produce(s.topics.events, _event(i, f"u{i % 7}", f"i{i % 5}"), f"u{i % 7}".encode())
-    producer.flush(10)
+    _produce_clicks(producer, s, range(100, 114), users=7, items=5)
     second = StreamWorker(moved)
     _run_until(second, lambda: second.stats.events >= 14 and second.stats.item_records >= 14)
 
@@ -261,9 +264,7 @@ def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None
     s = live_settings.model_copy(update={"state_cache_entries": 100_000})  # the default, spelled out
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
-    for i in range(20):
-        producer.produce(s.topics.events, _event(i, f"u{i % 4}", f"i{i}"), f"u{i % 4}".encode())
-    producer.flush(10)
+    _produce_clicks(producer, s, range(20), users=4, items=20)
     worker = StreamWorker(s)
     worker.start()
     try:
