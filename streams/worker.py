@@ -9,8 +9,10 @@ Per loop iteration (see docs/ARCHITECTURE.md for why this is not a Faust agent):
 2. Per partition: decode (bad input -> ``events.dlq`` with the original bytes and a
    reason), group by key, ``multi_get`` the states, call the pure core
    (:mod:`streams.core.state`), coalesce to one new value per key.
-3. Produce forwards (re-keyed by item, in source-offset order), changelog records
-   and DLQ records, then ``flush`` so they are durable *before* the states commit.
+3. Produce forwards (one pack per item partition: all of the batch's forwards bound for
+   it, in source-offset order, see :func:`streams.core.serde.encode_forward_pack`),
+   changelog records and DLQ records, then ``flush`` so they are durable *before* the
+   states commit.
 4. Write each shard's states together with its next input offsets in one RocksDB
    WriteBatch. That write is the commit: on assignment the worker seeks to the
    stored offsets, so a SIGKILL anywhere neither loses nor repeats an update.
@@ -26,6 +28,7 @@ import resource
 import shutil
 import threading
 import time
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +65,9 @@ __all__ = ["ItemReplica", "StreamWorker", "WorkerStats", "reset_state", "restore
 
 log = logging.getLogger(__name__)
 
+#: forwards per ``events.by-item`` record at most (a positive's forward is ~350 bytes: ~350 KB a record)
+PACK_FORWARDS = 1000
+
 
 @dataclass
 class WorkerStats:
@@ -76,6 +82,7 @@ class WorkerStats:
     resent_forwards: int = 0
     batches: int = 0
     restored_records: int = 0
+    #: forwards the item stage read (re-sent ones included; a record of ``events.by-item`` packs many)
     item_records: int = 0
     state_cache_hits: int = 0
     state_cache_misses: int = 0
@@ -432,8 +439,7 @@ class StreamWorker:
             stage = "item" if topic == by_item else "user"
             shard, pending = writes.setdefault((stage, partition), (self._shard(stage, partition), {}))
             if stage == "item":
-                pending.update(self._item_batch(shard, topic, batch, pending))
-                fresh_item.extend(m.timestamp()[1] for m in batch)
+                pending.update(self._item_batch(shard, topic, batch, pending, fresh_item))
             else:
                 pending.update(self._user_batch(shard, topic, batch, pending))
                 fresh_user.extend(m.timestamp()[1] for m in batch)
@@ -561,35 +567,53 @@ class StreamWorker:
             puts[key] = value
             shard.remember(key, new)
             self._produce(changelog, uid.encode(), value, shard.partition)
-        forwards.sort(key=_first)
-        by_item = self.settings.topics.by_item
-        for seq, fw, ts_ms in forwards:
-            self._produce(
-                by_item, fw.item_id.encode(), serde.encode_forward(fw, src, seq),
-                self._item_partition(fw.item_id), ts_ms,
-            )  # fmt: skip
-        self.stats.forwards += len(forwards)
+        self._produce_forwards(src, forwards)
         nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
         self._produce(changelog, off_key, nxt, shard.partition)
         return puts
 
+    def _produce_forwards(self, src: int, forwards: list[tuple[int, Forward, int]]) -> None:
+        """Produce a batch's forwards as one pack per item partition (in seq order, ``PACK_FORWARDS`` at most each).
+
+        The partition of an item is the one its state lives on (``partition_for`` over the item id,
+        Kafka's default partitioner), as when every forward was a record keyed by item id.
+        """
+        if not forwards:
+            return
+        forwards.sort(key=_first)
+        part = self._item_partition
+        per_part: dict[int, list[tuple[int, Forward, int]]] = defaultdict(list)
+        for t in forwards:
+            per_part[part(t[1].item_id)].append(t)
+        by_item = self.settings.topics.by_item
+        for p, fws in per_part.items():
+            for i in range(0, len(fws), PACK_FORWARDS):
+                chunk = fws[i : i + PACK_FORWARDS]
+                self._produce(by_item, None, serde.encode_forward_pack(src, chunk), p, chunk[0][2])
+        self.stats.forwards += len(forwards)
+
     def _item_batch(
-        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
+        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes], fresh_ts: list[int]
     ) -> dict[bytes, bytes]:
         per_item: dict[str, list[tuple[int, Forward]]] = defaultdict(list)
-        self.stats.item_records += len(batch)
         hwm = shard.src_hwm
         touched_src: set[int] = set()
         for m in batch:
-            fw, src, seq = serde.decode_forward(m.value() or b"")
-            if seq <= hwm.get(src, -1):
-                self.stats.resent_forwards += 1
+            src, seqs, pack, stamps = serde.decode_forward_pack(m.value() or b"")
+            self.stats.item_records += len(pack)
+            # seqs increase within a pack and across one source's packs: what a re-send repeats is a prefix
+            start = bisect_right(seqs, hwm.get(src, -1))
+            self.stats.resent_forwards += start
+            if start == len(pack):
                 continue
-            hwm[src] = seq
+            hwm[src] = seqs[-1]
             touched_src.add(src)
-            per_item[fw.item_id].append((cast(int, m.offset()), fw))
+            off = cast(int, m.offset())
+            for fw in pack[start:] if start else pack:
+                per_item[fw.item_id].append((off, fw))
+            fresh_ts.extend(stamps[start:] if start else stamps)
         items = list(per_item)
         states = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending, serde.decode_item)
         puts: dict[bytes, bytes] = {}

@@ -6,6 +6,11 @@ into its index) and lets an offline-trained table be bootstrapped by writing the
 same format. ``FORMAT`` is bumped whenever the body changes; readers reject
 formats they do not know.
 
+A forward pack (topic ``events.by-item``) is ``PACK(1 byte) | dim(uint16 LE) | rows(uint32 LE) |
+rows x dim x float32 LE | orjson body``: all of one user-stage batch's forwards bound for one item
+partition, grouped by source record (the shared event fields once, then each item with its forward
+sub-index); see :func:`encode_forward_pack`.
+
 ``feature_digest`` is the canonical encoding of the deterministic part of a
 state: what replay parity checksums compare (vectors and offsets excluded).
 """
@@ -13,12 +18,13 @@ state: what replay parity checksums compare (vectors and offsets excluded).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import orjson
 
-from streams.core.state import Forward, ItemState, UserState, Vec
+from streams.core.state import FORWARD_SLOTS, Forward, ItemState, UserState, Vec
 from streams.errors import StoreError
 from streams.events import EventType
 
@@ -30,6 +36,8 @@ __all__ = [
     "decode_item",
     "encode_forward",
     "decode_forward",
+    "encode_forward_pack",
+    "decode_forward_pack",
     "vector_of",
     "user_digest",
     "item_digest",
@@ -38,6 +46,20 @@ __all__ = [
 FORMAT = 1
 _HEAD = struct.Struct("<BH")
 _TYPES = {t.value: t for t in EventType}
+_VALUES = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
+#: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused)
+PACK = 0x46
+_PACK_HEAD = struct.Struct("<BHI")
+_new = tuple.__new__
+
+
+def _floats(xs: Any) -> Any:
+    """A sequence of floats as something orjson writes exactly (a float32 row becomes Python floats)."""
+    if isinstance(xs, tuple | list):
+        return xs
+    if isinstance(xs, np.ndarray):
+        return xs.tolist()
+    return [float(x) for x in xs]
 
 
 def _pack(vector: Vec | None, body: Any) -> bytes:
@@ -140,8 +162,8 @@ def decode_item(data: bytes) -> ItemState:
 def encode_forward(f: Forward, src_partition: int, src_offset: int) -> bytes:
     """Encode a forward with its source position (used by the item stage to drop re-sends)."""
     body = [
-        f.item_id, f.event_id, f.type.value, f.ts_us, f.user_id, f.neg_scores, f.eligible, f.category,
-        f.bootstrap, src_partition, src_offset,
+        f.item_id, f.event_id, _VALUES[f.type], f.ts_us, f.user_id, _floats(f.neg_scores), f.eligible, f.category,
+        None if f.bootstrap is None else _floats(f.bootstrap), src_partition, src_offset,
     ]  # fmt: skip
     return _pack(f.user_vector, body)
 
@@ -162,6 +184,102 @@ def decode_forward(data: bytes) -> tuple[Forward, int, int]:
         bootstrap=tuple(b[8]) if b[8] is not None else None,
     )
     return fw, b[9], b[10]
+
+
+def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) -> bytes:
+    """Encode ``(seq, forward, source record ts ms)`` triples, seqs strictly increasing, as one record.
+
+    ``src`` is the source partition id the item stage keeps a high-water mark for, and ``seq`` a
+    forward's number there (``position * FORWARD_SLOTS + sub``, :func:`streams.core.state.forward_seqs`).
+    Consecutive forwards of one source record share a group ``[position, event_id, type, ts_us,
+    user_id, record ts ms, entries]``; an entry is ``[sub, item_id]`` (no vector, no negatives),
+    ``[sub, item_id, neg_scores]`` (the next row of the vector block is its user vector) or
+    ``[sub, item_id, neg_scores, has_vector, eligible, category, bootstrap]``.
+    """
+    groups: list[list[Any]] = []
+    vectors: list[bytes] = []
+    dim = -1
+    entries: list[Any] = []
+    head: tuple[Any, ...] = ()
+    prev = -1
+    slots = FORWARD_SLOTS
+    for seq, f, ts_ms in forwards:
+        if seq <= prev:
+            raise ValueError(f"forward seqs must increase ({seq} after {prev})")
+        prev = seq
+        pos, sub = divmod(seq, slots)
+        h = (pos, f.event_id, f.type, f.ts_us, f.user_id, ts_ms)
+        if h != head:
+            head = h
+            entries = []
+            groups.append([pos, f.event_id, _VALUES[f.type], f.ts_us, f.user_id, ts_ms, entries])
+        uv = f.user_vector
+        if uv is not None:
+            if dim < 0:
+                dim = len(uv)
+            elif len(uv) != dim:
+                raise ValueError(f"user vectors of one pack differ in length ({len(uv)} vs {dim})")
+            vectors.append(uv.astype("<f4", copy=False).tobytes())
+        if f.eligible is True and f.category is None and f.bootstrap is None:
+            if uv is not None:
+                entries.append([sub, f.item_id, _floats(f.neg_scores)])
+                continue
+            if not len(f.neg_scores):
+                entries.append([sub, f.item_id])
+                continue
+        entries.append(
+            [sub, f.item_id, _floats(f.neg_scores), uv is not None, f.eligible, f.category,
+             None if f.bootstrap is None else _floats(f.bootstrap)]
+        )  # fmt: skip
+    return _PACK_HEAD.pack(PACK, max(dim, 0), len(vectors)) + b"".join(vectors) + orjson.dumps([src, groups])
+
+
+def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
+    """Decode a forward pack -> (source partition id, seqs, forwards, source record ts ms), in pack order."""
+    if len(data) < _PACK_HEAD.size:
+        raise StoreError("forward pack too short")
+    fmt, dim, rows = _PACK_HEAD.unpack_from(data)
+    if fmt != PACK:
+        raise StoreError(f"not a forward pack (first byte {fmt})")
+    end = _PACK_HEAD.size + 4 * dim * rows
+    block = (
+        np.frombuffer(data, dtype="<f4", count=dim * rows, offset=_PACK_HEAD.size).reshape(rows, dim).copy()
+        if rows
+        else None
+    )
+    src, groups = orjson.loads(memoryview(data)[end:])
+    seqs: list[int] = []
+    forwards: list[Forward] = []
+    stamps: list[int] = []
+    types = _TYPES
+    slots = FORWARD_SLOTS
+    row = 0
+    for pos, event_id, type_value, ts_us, user_id, ts_ms, entries in groups:
+        etype = types[type_value]
+        base = pos * slots
+        for e in entries:
+            n = len(e)
+            fw: tuple[Any, ...]
+            if n == 2:
+                fw = (e[1], event_id, etype, ts_us, user_id, None, (), True, None, None)
+            elif n == 3:
+                assert block is not None
+                fw = (e[1], event_id, etype, ts_us, user_id, block[row], tuple(e[2]), True, None, None)
+                row += 1
+            else:
+                vec = None
+                if e[3]:
+                    assert block is not None
+                    vec = block[row]
+                    row += 1
+                fw = (e[1], event_id, etype, ts_us, user_id, vec, tuple(e[2]), e[4], e[5],
+                      None if e[6] is None else tuple(e[6]))  # fmt: skip
+            seqs.append(base + e[0])
+            forwards.append(_new(Forward, fw))
+        stamps.extend([ts_ms] * len(entries))
+    if row != rows:
+        raise StoreError(f"forward pack holds {rows} vectors but its entries use {row}")
+    return src, seqs, forwards, stamps
 
 
 def user_digest(s: UserState) -> bytes:

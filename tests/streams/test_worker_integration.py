@@ -11,16 +11,19 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from streams.broker import ensure_topics
 from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
+from streams.core.state import FORWARD_SLOTS, Forward
 from streams.errors import StateMismatch
+from streams.events import EventType
 from streams.producer import make_producer, produce_records, synthetic_events
 from streams.store import STATE_PREFIX, open_store
 from streams.worker import StreamWorker
@@ -41,7 +44,7 @@ def _produce_clicks(producer: Producer, s: Settings, ids: range, users: int, ite
     producer.flush(10)
 
 
-def _read_all(settings: Settings, topic: str, partitions: int) -> list[object]:
+def _read_all(settings: Settings, topic: str, partitions: int) -> list[Message]:
     c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "t-reader", "log_level": 3,
                   "enable.auto.commit": False})  # fmt: skip
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
@@ -92,9 +95,9 @@ def test_bad_events_go_to_the_dlq_and_duplicates_count_once(live_settings: Setti
     assert worker.stats.dlq == 3 and worker.stats.duplicates == 2
     assert _user_counts(s) == Counter({"u0": 5, "u1": 5, "u2": 5, "u3": 5})
     dlq = _read_all(s, s.topics.dlq, 1)
-    reasons = sorted(dict(m.headers())["reason"].decode() for m in dlq)  # type: ignore[attr-defined]
+    reasons = sorted(cast(bytes, dict(m.headers() or [])["reason"]).decode() for m in dlq)
     assert reasons == ["bad_json", "missing_field", "unknown_type"]
-    assert {m.value() for m in dlq} == set(bad)  # type: ignore[attr-defined]  # the original bytes
+    assert {m.value() for m in dlq} == set(bad)  # the original bytes
 
 
 def test_murmur2_matches_the_client_partitioner(live_settings: Settings) -> None:
@@ -117,9 +120,12 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(live_settings
     records = list(synthetic_events(30_000, users=500, items=200, seed=7, start_us=int(time.time() * 1e6) - 10**9,
                                     step_us=1, bad_every=500))  # fmt: skip
     expected: Counter[str] = Counter()
+    expected_items: Counter[str] = Counter()  # forwards per item: every slate item, every other event's item
     for r in records:
         with contextlib.suppress(orjson.JSONDecodeError):
-            expected[orjson.loads(r.value)["user_id"]] += 1
+            obj = orjson.loads(r.value)
+            expected[obj["user_id"]] += 1
+            expected_items.update(obj.get("items") or [obj["item_id"]])
     produce_records(make_producer(s.bootstrap_servers), s.topics.events, iter(records))
     env = {**os.environ, "FRESHREC_STATS_INTERVAL_S": "0.05", "FRESHREC_TOPICS": s.topics.model_dump_json()}
     cmd = [sys.executable, "-m", "streams.cli", "worker", "--bootstrap-servers", s.bootstrap_servers,
@@ -156,6 +162,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(live_settings
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert _user_counts(s) == expected
+    assert _item_counts(s) == expected_items
 
 
 def test_a_broker_that_restarted_empty_is_detected(live_settings: Settings) -> None:
@@ -286,3 +293,57 @@ def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None
         assert not any(shard.cache for shard in worker._shards.values())
     finally:
         worker.close()
+
+
+def _impression(i: int, user: str, items: list[str]) -> bytes:
+    return orjson.dumps({"event_id": f"imp{i}", "type": "impression", "user_id": user, "items": items,
+                         "event_time": "2026-11-22T10:00:00Z", "schema_version": 1})  # fmt: skip
+
+
+def test_forwards_travel_in_packs_and_a_resent_pack_changes_nothing(live_settings: Settings) -> None:
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    expected: Counter[str] = Counter()
+    for i in range(30):
+        slate = [f"i{(i + k) % 40}" for k in range(20)]
+        producer.produce(s.topics.events, _impression(i, f"u{i % 3}", slate), f"u{i % 3}".encode())
+        producer.produce(s.topics.events, _event(100 + i, f"u{i % 3}", f"i{i}"), f"u{i % 3}".encode())
+        expected.update(slate)
+        expected[f"i{i}"] += 1
+    producer.flush(10)
+    n_forwards = sum(expected.values())  # 630
+    worker = StreamWorker(s)
+    _run_until(worker, lambda: worker.stats.events >= 60 and worker.stats.item_records >= n_forwards)
+    assert _item_counts(s) == expected and worker.stats.resent_forwards == 0
+
+    packs = [(m.partition() or 0, m.value() or b"") for m in _read_all(s, s.topics.by_item, s.partitions)]
+    assert len(packs) <= 60 * s.partitions  # at most one record per (source record, item partition)
+    by_part: dict[int, list[tuple[int, int, Forward]]] = {}
+    for p, value in packs:
+        src, seqs, fws, _ = serde.decode_forward_pack(value)
+        assert seqs == sorted(set(seqs))
+        assert {partition_for(f.item_id, s.partitions) for f in fws} == {p}  # where the item's state lives
+        by_part.setdefault(p, []).extend((src, q, f) for q, f in zip(seqs, fws, strict=True))
+    assert sum(len(v) for v in by_part.values()) == n_forwards
+
+    # a crash re-sends: the same packs again, and the same forwards grouped differently, plus a new one
+    for p, value in packs:
+        producer.produce(s.topics.by_item, value, None, partition=p)
+    new_item = next(f"n{j}" for j in range(100) if partition_for(f"n{j}", s.partitions) == 0)
+    added = False
+    for p, rows in by_part.items():
+        for src in {sr for sr, _, _ in rows}:  # one pack per (source, item partition) instead of per batch
+            regroup = [(q, f, 0) for sr, q, f in rows if sr == src]
+            if p == 0 and not added:
+                fresh = Forward(new_item, "late", EventType.CLICK, regroup[-1][1].ts_us, "u0")
+                regroup.append((regroup[-1][0] + FORWARD_SLOTS, fresh, 0))
+                added = True
+            producer.produce(s.topics.by_item, serde.encode_forward_pack(src, regroup), None, partition=p)
+    producer.flush(10)
+    assert added
+    again = StreamWorker(s)
+    _run_until(again, lambda: again.stats.item_records >= 2 * n_forwards + 1)
+    assert again.stats.item_records == 2 * n_forwards + 1
+    assert again.stats.resent_forwards == 2 * n_forwards
+    assert _item_counts(s) == expected + Counter({new_item: 1})
