@@ -372,14 +372,27 @@ def _rounds(
     ``m`` of keys that still have a chunk, their r-th chunks flattened, the chunk sizes and
     each flattened item's key row (0..m-1).
     """
-    chunked = [_chunks(xs, max_rounds) for xs in per_key]
-    for r in range(len(chunked[0]) if chunked else 0):
-        m = 0
-        while m < len(chunked) and len(chunked[m]) > r:
-            m += 1
-        groups = [chunked[q][r] for q in range(m)]
-        sizes = np.array([len(grp) for grp in groups])
-        yield m, [x for grp in groups for x in grp], sizes, np.repeat(np.arange(m), sizes)
+    if not per_key:
+        return
+    lens = [len(xs) for xs in per_key]
+    # the keys with more items than rounds (a prefix) take chunks; the others one item a round
+    n_long = 0
+    while n_long < len(lens) and lens[n_long] > max_rounds:
+        n_long += 1
+    chunked = [_chunks(per_key[q], max_rounds) for q in range(n_long)]
+    m = len(lens)
+    for r in range(min(lens[0], max_rounds)):
+        while lens[m - 1] <= r:  # keys with no item left in this round (a suffix)
+            m -= 1
+        if n_long:
+            groups = [chunked[q][r] for q in range(n_long)]
+            flat = [x for grp in groups for x in grp]
+            flat += [per_key[q][r] for q in range(n_long, m)]
+            sizes = np.ones(m, dtype=np.int_)
+            sizes[:n_long] = [len(grp) for grp in groups]
+            yield m, flat, sizes, np.repeat(np.arange(m), sizes)
+        else:
+            yield m, [per_key[q][r] for q in range(m)], np.ones(m, dtype=np.int_), np.arange(m)
 
 
 def _damped_step(
@@ -563,10 +576,9 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     upsert = EventType.ITEM_UPSERT
     counts = new.counts
     type_index = TYPE_INDEX
-    by_ts: dict[tuple[int, EventType], int] = {}  # (5-minute bucket, type) -> forwards, bucketed at the end
+    events: list[Forward] = []  # the forwards that count in the features (all but upserts)
     mine: list[Forward] = []
-    version = new.version
-    max_ts = new.max_ts
+    old_max = max_ts = new.max_ts
     for fw in forwards:
         etype = fw.type
         if etype is upsert:
@@ -574,7 +586,7 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
             key = (fw.ts_us, fw.event_id)
             if new.upsert_key is not None and key <= new.upsert_key:
                 continue
-            version += 1
+            new.version += 1
             counts[type_index[etype]] += 1
             new.upsert_key = key
             new.eligible = fw.eligible
@@ -585,25 +597,37 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
                     mine = []
                 new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
             continue
-        ts = fw.ts_us
-        if ts > max_ts:
-            max_ts = ts
-        key2 = (ts // B5_US, etype)
-        by_ts[key2] = by_ts.get(key2, 0) + 1
+        events.append(fw)
+        counts[type_index[etype]] += 1
+        if fw.ts_us > max_ts:
+            max_ts = fw.ts_us
         if fw.user_vector is not None:
             mine.append(fw)
+    if not events:
+        return mine
+    new.version += len(events)
+    # only the buckets of the final windows survive (see _merge_buckets): an event older than the
+    # hourly window counts in no bucket, and in a historical log most are (a replay batch spans
+    # days); the rest are counted per (5-minute bucket, type) first
+    lo60 = (max_ts // B60_US - KEEP_B60) * B60_US
+    by_ts: dict[tuple[int, EventType], int] = {}
+    for fw in events:
+        if fw.ts_us >= lo60:
+            key2 = (fw.ts_us // B5_US, fw.type)
+            by_ts[key2] = by_ts.get(key2, 0) + 1
+    lo5 = max_ts // B5_US - KEEP_B5
     d5: dict[int, list[int]] = {}
     d60: dict[int, list[int]] = {}
     for (idx5, etype), n in by_ts.items():
-        version += n
-        counts[type_index[etype]] += n
         i, c, p = _SLOTS[etype]
-        _add_counts(d5, idx5, i * n, c * n, p * n)
+        if idx5 >= lo5:
+            _add_counts(d5, idx5, i * n, c * n, p * n)
         _add_counts(d60, idx5 // _B5_PER_B60, i * n, c * n, p * n)
-    new.version = version
+    # the newest event is in both windows, so neither delta is empty when the top moves
     if d5:
-        _merge_buckets(new.b5, d5, KEEP_B5, new.max_ts // B5_US)
-        _merge_buckets(new.b60, d60, KEEP_B60, new.max_ts // B60_US)
+        _merge_buckets(new.b5, d5, KEEP_B5, old_max // B5_US)
+    if d60:
+        _merge_buckets(new.b60, d60, KEEP_B60, old_max // B60_US)
     new.max_ts = max_ts
     return mine
 
