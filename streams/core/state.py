@@ -296,6 +296,8 @@ def _apply_user_features(
     accepted_at: list[int] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
+    # the session's (event time, event id), compared without building tuples; -2**64 is below any time
+    s_ts, s_eid = (session[0], session[1]) if session is not None else (-(1 << 64), "")
     dups = out.duplicates
     late = out.late
     for i, ev in enumerate(events):
@@ -318,7 +320,8 @@ def _apply_user_features(
         accepted.append(ev)
         if ev.item_id is not None:
             new_recent.append((ts, eid, ev.item_id, _TYPE_VALUE[ev.type]))
-        if session is None or (ts, eid) > (session[0], session[1]):
+        if ts > s_ts or (ts == s_ts and eid > s_eid):
+            s_ts, s_eid = ts, eid
             ctx = ev.context
             session = (ts, eid, ctx.session_id, ctx.surface, ctx.device)
     if not accepted:
@@ -448,8 +451,7 @@ def apply_user_batch(
         accepted.append(acc)
         accepted_at.append(at)
     weights = POSITIVE_WEIGHTS
-    # (user j, event) of each positive event, per user
-    positives = [[(j, ev) for ev in acc if ev.type in weights] for j, acc in enumerate(accepted)]
+    positives = [[ev for ev in acc if ev.type in weights] for acc in accepted]  # per user
     order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
@@ -465,8 +467,10 @@ def apply_user_batch(
         U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
-        for m, pos_r, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
-            evs = [p[1] for p in pos_r]
+        # per row of U (the users in ``order``): the user's id and its positives' forwards
+        row_uid = [uids[j] for j in order]
+        row_fw = [pos_fw[j] for j in order]
+        for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
             hs = np.fromiter((_crc32(ev.event_id.encode(), seed) for ev in evs), dtype=np.uint64, count=len(evs))
             negs = items.sample_many(hs, cfg.negatives)
@@ -479,10 +483,10 @@ def apply_user_batch(
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = np.array([cfg.lr * weights[ev.type] for ev in evs], dtype=np.float32)
-            for (j, ev), u_row, ns_row in zip(pos_r, Ue, neg_scores.tolist(), strict=True):
-                pos_fw[j].append(
-                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, uids[j], u_row, tuple(ns_row), True,
-                                   None, None))
+            for ev, row, u_row, ns_row in zip(evs, rows.tolist(), Ue, neg_scores.tolist(), strict=True):
+                row_fw[row].append(
+                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, row_uid[row], u_row, tuple(ns_row),
+                                   True, None, None))
                 )  # fmt: skip
             U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
         # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
@@ -493,6 +497,11 @@ def apply_user_batch(
     impression = EventType.IMPRESSION
     for j, uid in enumerate(uids):
         out = outs[j]
+        if len(pos_fw[j]) == len(accepted[j]):  # every accepted event is positive: one forward each
+            out.forwards = pos_fw[j]
+            out.forward_src = accepted_at[j]
+            results.append((news[j], out))
+            continue
         fwds = out.forwards
         src = out.forward_src
         positive = iter(pos_fw[j])
