@@ -66,7 +66,6 @@ _IMPR = TYPE_INDEX[EventType.IMPRESSION]
 _CLICK = TYPE_INDEX[EventType.CLICK]
 B5_US = 300 * 1_000_000  # 5-minute buckets
 B60_US = 3_600 * 1_000_000  # hourly buckets
-_B5_PER_B60 = B60_US // B5_US  # floor(floor(t / a) / b) == floor(t / (a * b)): hour buckets from 5-minute ones
 KEEP_B5 = 24  # 2 hours of 5-minute buckets
 KEEP_B60 = 48  # 2 days of hourly buckets
 
@@ -472,7 +471,7 @@ def apply_user_batch(
         row_fw = [pos_fw[j] for j in order]
         for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
             V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
-            hs = np.fromiter((_crc32(ev.event_id.encode(), seed) for ev in evs), dtype=np.uint64, count=len(evs))
+            hs = np.array(list(map(_crc32, [ev.event_id.encode() for ev in evs], [seed] * len(evs))), dtype=np.uint64)
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
@@ -534,41 +533,6 @@ def apply_user_events(
     return apply_user_batch([(user_id, state, events)], cfg, items)[0]
 
 
-def _merge_buckets(buckets: dict[int, list[int]], deltas: dict[int, list[int]], keep: int, old_top: int) -> None:
-    """Add per-bucket ``deltas`` to ``buckets``, keeping the ``keep + 1`` newest bucket indexes.
-
-    ``old_top`` is ``max(buckets)`` when ``buckets`` is not empty: the bucket of the item's
-    newest event time (the newest event is never outside the window), passed in to save a scan.
-
-    Equal to adding the events one at a time with this rule: a bucket older than the
-    newest index minus ``keep`` is not created, and a new newest index prunes the buckets
-    that fell out of the window. Either way the result is the exact counts of the buckets
-    in ``[top - keep, top]`` for the final newest index ``top``, in any arrival order.
-    """
-    top = max(deltas)
-    if buckets:
-        if old_top >= top:
-            top = old_top
-        elif top - keep > min(buckets):
-            for idx in [k for k in buckets if k < top - keep]:
-                del buckets[idx]
-    lo = top - keep
-    for idx, (imp, clk, pos) in deltas.items():
-        if idx >= lo:
-            _add_counts(buckets, idx, imp, clk, pos)
-
-
-def _add_counts(buckets: dict[int, list[int]], idx: int, imp: int, clk: int, pos: int) -> None:
-    """Add (impressions, clicks, positives) to bucket ``idx``, creating it when missing."""
-    counts = buckets.get(idx)
-    if counts is None:
-        buckets[idx] = [imp, clk, pos]
-    else:
-        counts[0] += imp
-        counts[1] += clk
-        counts[2] += pos
-
-
 #: bucket slots an event type counts in: impressions, clicks, positive interactions
 _SLOTS: dict[EventType, tuple[int, int, int]] = {
     t: (1, 0, 0) if t is EventType.IMPRESSION else (0, 1, 1) if t is EventType.CLICK else (0, 0, 1) for t in EventType
@@ -615,28 +579,42 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     if not events:
         return mine
     new.version += len(events)
-    # only the buckets of the final windows survive (see _merge_buckets): an event older than the
-    # hourly window counts in no bucket, and in a historical log most are (a replay batch spans
-    # days); the rest are counted per (5-minute bucket, type) first
-    lo60 = (max_ts // B60_US - KEEP_B60) * B60_US
-    by_ts: dict[tuple[int, EventType], int] = {}
-    for fw in events:
-        if fw.ts_us >= lo60:
-            key2 = (fw.ts_us // B5_US, fw.type)
-            by_ts[key2] = by_ts.get(key2, 0) + 1
+    # The buckets hold the exact counts of the windows [top - keep, top] of the final newest
+    # bucket index top, whatever the arrival order: when the newest event time moves, the buckets
+    # that fell out of a window go, and an event older than its window counts in no bucket (in a
+    # historical log most do: a replay batch spans days).
     lo5 = max_ts // B5_US - KEEP_B5
-    d5: dict[int, list[int]] = {}
-    d60: dict[int, list[int]] = {}
-    for (idx5, etype), n in by_ts.items():
-        i, c, p = _SLOTS[etype]
-        if idx5 >= lo5:
-            _add_counts(d5, idx5, i * n, c * n, p * n)
-        _add_counts(d60, idx5 // _B5_PER_B60, i * n, c * n, p * n)
-    # the newest event is in both windows, so neither delta is empty when the top moves
-    if d5:
-        _merge_buckets(new.b5, d5, KEEP_B5, old_max // B5_US)
-    if d60:
-        _merge_buckets(new.b60, d60, KEEP_B60, old_max // B60_US)
+    lo60 = max_ts // B60_US - KEEP_B60
+    b5, b60 = new.b5, new.b60
+    if max_ts > old_max:
+        if b5 and min(b5) < lo5:
+            b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5}
+        if b60 and min(b60) < lo60:
+            b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60}
+    lo60_us = lo60 * B60_US
+    slots = _SLOTS
+    for fw in events:
+        ts = fw.ts_us
+        if ts < lo60_us:
+            continue
+        imp, clk, pos = slots[fw.type]
+        idx = ts // B60_US
+        counts60 = b60.get(idx)
+        if counts60 is None:
+            b60[idx] = [imp, clk, pos]
+        else:
+            counts60[0] += imp
+            counts60[1] += clk
+            counts60[2] += pos
+        idx = ts // B5_US
+        if idx >= lo5:
+            counts5 = b5.get(idx)
+            if counts5 is None:
+                b5[idx] = [imp, clk, pos]
+            else:
+                counts5[0] += imp
+                counts5[1] += clk
+                counts5[2] += pos
     new.max_ts = max_ts
     return mine
 

@@ -47,12 +47,13 @@ class ItemReplica:
 
     def get_many(self, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
         """(n, dim) vectors; unknown items get their deterministic initial vector."""
-        rows = self._rows
-        idx = [rows.get(i, -1) for i in item_ids]
-        out = self._mat[idx] if item_ids else np.zeros((0, self.cfg.dim), dtype=np.float32)
-        unknown = [n for n, r in enumerate(idx) if r < 0]
-        if unknown:
-            out[unknown] = init_matrix([item_ids[n] for n in unknown], self.cfg, "i")
+        if not item_ids:
+            return np.zeros((0, self.cfg.dim), dtype=np.float32)
+        idx = np.array(list(map(self._rows.get, item_ids, [-1] * len(item_ids))), dtype=np.intp)
+        out = self._mat[idx]
+        unknown = np.flatnonzero(idx < 0)
+        if len(unknown):
+            out[unknown] = init_matrix([item_ids[n] for n in unknown.tolist()], self.cfg, "i")
         return out
 
     def sample_many(self, hashes: npt.NDArray[np.uint64], k: int) -> npt.NDArray[np.float32] | None:
