@@ -1,4 +1,4 @@
-"""``freshrec serve``: run the recommendation API (uvicorn, uvloop + httptools)."""
+"""``freshrec serve``: run the recommendation API (uvicorn, uvloop + httptools, one socket write per response)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.http import CoalescingHttpToolsProtocol
 
     settings = build_settings(args)
     opts = settings.serving
@@ -61,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=opts.host,
         port=opts.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,  # httptools, one socket write per response (serving/http.py)
         log_level="warning",
         access_log=False,
     )

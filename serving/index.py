@@ -476,6 +476,11 @@ class HnswShard:
         """Item ids by label (append-only; labels are never reassigned, so no lock is needed)."""
         return self._ids
 
+    @property
+    def label_map(self) -> Mapping[str, int]:
+        """Item id -> label, removed items included (append-only, so no lock is needed to read it)."""
+        return self._label_of
+
     def id_of(self, label: int) -> str:
         """The item id of ``label`` (labels are never reassigned, so no lock is needed)."""
         return self._ids[label]
@@ -836,16 +841,25 @@ class ShardedIndex:
         k_shard = self.shard_k(k, len(live))
         rerank = self.params.rerank
 
-        def one(shard: HnswShard) -> tuple[Labels, Vec]:
-            # only excluded ids live in this shard can take a slot in its answer
-            n_excl = sum(1 for e in exclude if shard.label_of(e) is not None) if exclude else 0
-            need = k_shard + (2 * n_excl + _MARGIN if n_excl else 0)
-            return shard.candidates(q, max(need, rerank))
+        # only excluded ids held by a shard can take a slot in its answer: count them per shard in
+        # one pass (an id has one shard; a removed label still counts, which only asks for more)
+        n_excl = [0] * len(live)
+        if exclude:
+            maps = [shard.label_map for shard in live]
+            for e in exclude:
+                for j, m in enumerate(maps):
+                    if e in m:
+                        n_excl[j] += 1
+                        break
+
+        def one(j: int) -> tuple[Labels, Vec]:
+            need = k_shard + (2 * n_excl[j] + _MARGIN if n_excl[j] else 0)
+            return live[j].candidates(q, max(need, rerank))
 
         if self._pool is not None and len(live) > 1:
-            results = list(self._pool.map(one, live))
+            results = list(self._pool.map(one, range(len(live))))
         else:
-            results = [one(shard) for shard in live]
+            results = [one(j) for j in range(len(live))]
         labels = np.concatenate([lab for lab, _ in results], axis=1)
         cand = np.concatenate([vec for _, vec in results], axis=1)
         owner = np.concatenate([np.full(lab.shape[1], j, dtype=np.intp) for j, (lab, _) in enumerate(results)])

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serving.app import Runtime, create_app
+from serving.http import CoalescingHttpToolsProtocol
 from serving.settings import ServingSettings
 from streams.broker import ensure_topics, free_port
 from streams.config import Settings
@@ -53,7 +54,9 @@ def start_api(settings: ServingSettings) -> tuple[Api, _Server, threading.Thread
     """Start uvicorn with ``create_app(settings)`` in a thread; returns once it accepts requests."""
     port = free_port()
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", log_level="warning", access_log=False)
+    # the protocol `freshrec serve` runs (one socket write per response)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", http=CoalescingHttpToolsProtocol,
+                            log_level="warning", access_log=False)  # fmt: skip
     server = _Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
