@@ -235,7 +235,7 @@ def _replay(
                 work_seqs.append(fresh)
         results = apply_user_batch(work, cfg, replica, in_place=True)
         for (uid, _, _), seqs, (new, out) in zip(work, work_seqs, results, strict=True):
-            new.offsets[topic] = max(chunk[q - start].offset for q in seqs)
+            new.offsets[topic] = max([chunk[q - start].offset for q in seqs])
             res.duplicates += len(out.duplicates)
             for i in out.late_src:  # the original bytes, as the live worker sends them
                 dlq.append((chunk[seqs[i] - start].record.value, LATE_REASON))

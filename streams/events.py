@@ -12,7 +12,7 @@ hot path; :attr:`Event.event_time` gives the tz-aware ``datetime`` view.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 __all__ = [
@@ -96,6 +96,7 @@ class Event(NamedTuple):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
 
 
 def ts_to_datetime(ts_us: int) -> datetime:
@@ -107,5 +108,4 @@ def datetime_to_ts(dt: datetime) -> int:
     """Tz-aware datetime -> microseconds since the epoch. Naive datetimes are rejected."""
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise ValueError("naive datetime: event times must carry a timezone")
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (dt - _EPOCH) // _ONE_US  # timedelta // timedelta: exact integer arithmetic, in C

@@ -23,6 +23,7 @@ Design rules (see docs/ARCHITECTURE.md, "Determinism"):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,6 +104,7 @@ _SALTS: dict[int, bytes] = {}
 _new = tuple.__new__
 _blake2b = hashlib.blake2b
 _crc32 = zlib.crc32
+_chain = itertools.chain.from_iterable
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -465,6 +467,7 @@ def apply_user_batch(
                 news[j].vector = init[row]
         U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
         reg = np.float32(cfg.reg)
+        lr_of = {t: cfg.lr * w for t, w in weights.items()}
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
         # per row of U (the users in ``order``): the user's id and its positives' forwards
         row_uid = [uids[j] for j in order]
@@ -481,7 +484,7 @@ def apply_user_batch(
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
-            lr = np.array([cfg.lr * weights[ev.type] for ev in evs], dtype=np.float32)
+            lr = np.array([lr_of[ev.type] for ev in evs], dtype=np.float32)
             for ev, row, u_row, ns_row in zip(evs, rows.tolist(), Ue, neg_scores.tolist(), strict=True):
                 row_fw[row].append(
                     _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, row_uid[row], u_row, tuple(ns_row),
@@ -656,12 +659,11 @@ def _item_steps(
         Ur = _rows([fw.user_vector for fw in fws], cfg.dim)  # type: ignore[misc]
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
-        try:  # the usual case: every forward has the same k > 0 negatives
-            NS = np.array([fw.neg_scores for fw in fws], dtype=np.float32)
-        except ValueError:  # ragged
-            NS = np.zeros((0, 0), dtype=np.float32)
-        if NS.ndim == 2 and NS.shape[0] == len(fws) and NS.shape[1] > 0:
-            g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(NS.shape[1])
+        scores = [fw.neg_scores for fw in fws]
+        k = len(scores[0])
+        if k and len(set(map(len, scores))) == 1:  # the usual case: the same k > 0 negatives each
+            NS = np.fromiter(_chain(scores), dtype=np.float32, count=k * len(scores)).reshape(len(scores), k)
+            g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
             k = max(len(fw.neg_scores) for fw in fws) or 1
             NS = np.zeros((len(fws), k), dtype=np.float32)
