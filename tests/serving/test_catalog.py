@@ -63,3 +63,32 @@ def test_columns_grow_past_the_initial_capacity() -> None:
     assert len(cat) == 5
     assert cat.vectors[cat.row("i4")][0] == 4.0 and cat.last_ts[cat.row("i3")] == NOW + 3
     assert list(cat.rows(["i1", "nope", "i4"])) == [1, -1, 4]
+
+
+def test_incremental_trending_equals_a_full_pass_as_items_and_time_move() -> None:
+    rng = np.random.default_rng(7)
+    cat = ItemCatalog(CFG)
+    t = (NOW // B60_US) * B60_US
+    h = t // B60_US
+
+    def write(item: str, now: int, top: int = 1000) -> None:
+        b60 = {h - int(rng.integers(1, 6)): [0, 0, int(rng.integers(1, top))] for _ in range(2)}
+        cat.update(item, ItemState(b60=b60, max_ts=now - int(rng.integers(0, 3 * B60_US)), eligible=rng.random() > 0.1))
+
+    for i in range(400):
+        write(f"i{i}", t)
+    now, size = t, 10
+    incremental = 0
+    for _ in range(150):
+        for _ in range(int(rng.integers(0, 30))):
+            write(f"i{int(rng.integers(0, 450))}", now)  # changes, eligibility flips, new items
+        for item in cat.trending_ids[: int(rng.integers(0, 8))]:
+            write(item, now, top=50)  # the leaders fall back: rows from outside the kept set move up
+        now += int(rng.integers(0, B60_US // 4))
+        passes = cat.trending_full_passes
+        cat.refresh_trending(now, size)
+        incremental += cat.trending_full_passes == passes
+        got = cat.trending_ids
+        cat._refresh_full(now, size)  # the reference: every row's score as of now
+        assert got == cat.trending_ids and len(got) == size
+    assert incremental > 100  # most refreshes never scanned the whole catalog
