@@ -6,10 +6,10 @@ into its index) and lets an offline-trained table be bootstrapped by writing the
 same format. ``FORMAT`` is bumped whenever the body changes; readers reject
 formats they do not know.
 
-A forward pack (topic ``events.by-item``) is ``PACK(1 byte) | dim(uint16 LE) | rows(uint32 LE) |
-rows x dim x float32 LE | orjson body``: all of one user-stage batch's forwards bound for one item
-partition, grouped by source record (the shared event fields once, then each item with its forward
-sub-index); see :func:`encode_forward_pack`.
+A forward pack (topic ``events.by-item``) holds all of one user-stage batch's forwards bound for one
+item partition, grouped by source record (the shared event fields once, then each item with its
+forward sub-index), user vectors as one float32 block and negatives' scores as one float64 block;
+see :func:`encode_forward_pack`.
 
 ``feature_digest`` is the canonical encoding of the deterministic part of a
 state: what replay parity checksums compare (vectors and offsets excluded).
@@ -49,8 +49,11 @@ _TYPES = {t.value: t for t in EventType}
 _VALUES = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
 #: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused)
 PACK = 0x46
-_PACK_HEAD = struct.Struct("<BHI")
+_PACK_HEAD = struct.Struct("<BHII")
 _new = tuple.__new__
+_SLOT_BITS = FORWARD_SLOTS.bit_length() - 1  # seq >> _SLOT_BITS is the source position
+if 1 << _SLOT_BITS != FORWARD_SLOTS:
+    raise ImportError("FORWARD_SLOTS must be a power of two for the forward pack")
 
 
 def _floats(xs: Any) -> Any:
@@ -191,94 +194,111 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
 
     ``src`` is the source partition id the item stage keeps a high-water mark for, and ``seq`` a
     forward's number there (``position * FORWARD_SLOTS + sub``, :func:`streams.core.state.forward_seqs`).
-    Consecutive forwards of one source record share a group ``[position, event_id, type, ts_us,
-    user_id, record ts ms, entries]``; an entry is ``[sub, item_id]`` (no vector, no negatives),
-    ``[sub, item_id, neg_scores]`` (the next row of the vector block is its user vector) or
-    ``[sub, item_id, neg_scores, has_vector, eligible, category, bootstrap]``.
+    Layout: ``PACK | dim uint16 | vectors uint32 | scores uint32 | vectors x dim float32 | scores x
+    float64 | orjson body``. The body is ``[src, groups]``; consecutive forwards of one source record
+    share a group ``[position, event_id, type, ts_us, user_id, record ts ms, entries]``, and an entry
+    is ``[sub, item_id]`` (no vector, no negatives), ``[sub, item_id, k]`` (the next vector row is its
+    user vector, the next ``k`` scores its negatives' scores) or ``[sub, item_id, k, has_vector,
+    eligible, category, bootstrap]``. Scores travel as float64: exact for any Python or float32 value.
     """
     groups: list[list[Any]] = []
-    vectors: list[bytes] = []
+    vectors: list[Vec] = []
+    scores_flat: list[float] = []
+    add_scores = scores_flat.extend
     dim = -1
     entries: list[Any] = []
+    last_pos = -1
     head: tuple[Any, ...] = ()
     prev = -1
-    slots = FORWARD_SLOTS
+    shift = _SLOT_BITS
+    mask = FORWARD_SLOTS - 1
+    values = _VALUES
     for seq, f, ts_ms in forwards:
         if seq <= prev:
             raise ValueError(f"forward seqs must increase ({seq} after {prev})")
         prev = seq
-        pos, sub = divmod(seq, slots)
-        h = (pos, f.event_id, f.type, f.ts_us, f.user_id, ts_ms)
-        if h != head:
-            head = h
+        item_id, event_id, etype, ts_us, user_id, uv, scores, eligible, category, bootstrap = f
+        pos = seq >> shift
+        if pos != last_pos or (event_id, etype, ts_us, user_id, ts_ms) != head:
+            last_pos = pos
+            head = (event_id, etype, ts_us, user_id, ts_ms)
             entries = []
-            groups.append([pos, f.event_id, _VALUES[f.type], f.ts_us, f.user_id, ts_ms, entries])
-        uv = f.user_vector
+            groups.append([pos, event_id, values[etype], ts_us, user_id, ts_ms, entries])
+        k = len(scores)
+        if k:
+            add_scores(scores)
         if uv is not None:
-            if dim < 0:
+            if len(uv) != dim:
+                if dim >= 0:
+                    raise ValueError(f"user vectors of one pack differ in length ({len(uv)} vs {dim})")
                 dim = len(uv)
-            elif len(uv) != dim:
-                raise ValueError(f"user vectors of one pack differ in length ({len(uv)} vs {dim})")
-            vectors.append(uv.astype("<f4", copy=False).tobytes())
-        if f.eligible is True and f.category is None and f.bootstrap is None:
+            vectors.append(uv)
+        if eligible is True and category is None and bootstrap is None:
             if uv is not None:
-                entries.append([sub, f.item_id, _floats(f.neg_scores)])
+                entries.append([seq & mask, item_id, k])
                 continue
-            if not len(f.neg_scores):
-                entries.append([sub, f.item_id])
+            if not k:
+                entries.append([seq & mask, item_id])
                 continue
         entries.append(
-            [sub, f.item_id, _floats(f.neg_scores), uv is not None, f.eligible, f.category,
-             None if f.bootstrap is None else _floats(f.bootstrap)]
+            [seq & mask, item_id, k, uv is not None, eligible, category,
+             None if bootstrap is None else _floats(bootstrap)]
         )  # fmt: skip
-    return _PACK_HEAD.pack(PACK, max(dim, 0), len(vectors)) + b"".join(vectors) + orjson.dumps([src, groups])
+    head_bytes = _PACK_HEAD.pack(PACK, max(dim, 0), len(vectors), len(scores_flat))
+    block = np.concatenate(vectors).astype("<f4", copy=False).tobytes() if vectors else b""
+    score_bytes = np.array(scores_flat, dtype="<f8").tobytes() if scores_flat else b""
+    return head_bytes + block + score_bytes + orjson.dumps([src, groups])
 
 
 def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack -> (source partition id, seqs, forwards, source record ts ms), in pack order."""
     if len(data) < _PACK_HEAD.size:
         raise StoreError("forward pack too short")
-    fmt, dim, rows = _PACK_HEAD.unpack_from(data)
+    fmt, dim, rows, n_scores = _PACK_HEAD.unpack_from(data)
     if fmt != PACK:
         raise StoreError(f"not a forward pack (first byte {fmt})")
-    end = _PACK_HEAD.size + 4 * dim * rows
-    block = (
-        np.frombuffer(data, dtype="<f4", count=dim * rows, offset=_PACK_HEAD.size).reshape(rows, dim).copy()
+    at = _PACK_HEAD.size + 4 * dim * rows
+    vecs: list[Vec] = (
+        list(np.frombuffer(data, dtype="<f4", count=dim * rows, offset=_PACK_HEAD.size).reshape(rows, dim).copy())
         if rows
-        else None
+        else []
     )
-    src, groups = orjson.loads(memoryview(data)[end:])
+    flat: list[float] = np.frombuffer(data, dtype="<f8", count=n_scores, offset=at).tolist() if n_scores else []
+    src, groups = orjson.loads(memoryview(data)[at + 8 * n_scores :])
     seqs: list[int] = []
     forwards: list[Forward] = []
     stamps: list[int] = []
     types = _TYPES
-    slots = FORWARD_SLOTS
+    shift = _SLOT_BITS
     row = 0
+    si = 0
     for pos, event_id, type_value, ts_us, user_id, ts_ms, entries in groups:
         etype = types[type_value]
-        base = pos * slots
+        base = pos << shift
         for e in entries:
             n = len(e)
             fw: tuple[Any, ...]
             if n == 2:
                 fw = (e[1], event_id, etype, ts_us, user_id, None, (), True, None, None)
             elif n == 3:
-                assert block is not None
-                fw = (e[1], event_id, etype, ts_us, user_id, block[row], tuple(e[2]), True, None, None)
+                k = e[2]
+                fw = (e[1], event_id, etype, ts_us, user_id, vecs[row], tuple(flat[si : si + k]), True, None, None)
                 row += 1
+                si += k
             else:
+                k = e[2]
                 vec = None
                 if e[3]:
-                    assert block is not None
-                    vec = block[row]
+                    vec = vecs[row]
                     row += 1
-                fw = (e[1], event_id, etype, ts_us, user_id, vec, tuple(e[2]), e[4], e[5],
+                fw = (e[1], event_id, etype, ts_us, user_id, vec, tuple(flat[si : si + k]), e[4], e[5],
                       None if e[6] is None else tuple(e[6]))  # fmt: skip
+                si += k
             seqs.append(base + e[0])
             forwards.append(_new(Forward, fw))
         stamps.extend([ts_ms] * len(entries))
-    if row != rows:
-        raise StoreError(f"forward pack holds {rows} vectors but its entries use {row}")
+    if row != rows or si != n_scores:
+        raise StoreError(f"forward pack holds {rows} vectors and {n_scores} scores, its entries use {row} and {si}")
     return src, seqs, forwards, stamps
 
 
