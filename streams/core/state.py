@@ -262,9 +262,12 @@ def forward_seqs(out: Outcome, positions: Sequence[int]) -> list[int]:
     ``positions[i]`` is the source position (input offset live, replay position offline) of the
     user's i-th input event; the forwards of one record get ``position * FORWARD_SLOTS + 0, 1, ...``.
     """
+    src = out.forward_src
+    if len(src) == len(positions) and len(set(src)) == len(src):  # one forward per event (src is sorted)
+        return [p * FORWARD_SLOTS for p in positions]
     seqs: list[int] = []
     prev, sub = -1, 0
-    for i in out.forward_src:
+    for i in src:
         if i == prev:
             sub += 1
         else:
@@ -590,10 +593,11 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     lo60 = max_ts // B60_US - KEEP_B60
     b5, b60 = new.b5, new.b60
     if max_ts > old_max:
+        # (the old newest bucket is the old time's: when it is out too, all are)
         if b5 and min(b5) < lo5:
-            b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5}
+            b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5} if old_max // B5_US >= lo5 else {}
         if b60 and min(b60) < lo60:
-            b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60}
+            b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60} if old_max // B60_US >= lo60 else {}
     lo60_us = lo60 * B60_US
     slots = _SLOTS
     for fw in events:
