@@ -32,6 +32,7 @@ from serving.catalog import ItemCatalog
 from serving.errors import BadRequest, ServingError
 from serving.impressions import ImpressionLogger
 from serving.index import IndexParams, ShardedIndex
+from serving.memory import HugePages, use_huge_pages
 from serving.ranking import BlendRanker
 from serving.replica import LiveState
 from serving.settings import ServingOptions, ServingSettings
@@ -167,6 +168,8 @@ class Runtime:
         self._applier: threading.Thread | None = None
         self._frozen = False
         self.started_at = time.time()
+        #: what ``use_huge_pages`` did once the replica caught up (None: not yet, or disabled)
+        self.huge_pages: HugePages | None = None
 
     def start(self) -> None:
         """Start the background threads."""
@@ -180,10 +183,18 @@ class Runtime:
         assert self.index is not None
         last_trending = 0.0
         frozen = not opts.gc_freeze
+        huge = not opts.huge_pages
         while not self._stop.is_set():
             if not frozen and self.state.caught_up.is_set():
                 frozen = True
                 self.freeze_heap()
+            if not huge and self.state.caught_up.is_set():
+                huge = True
+                t0 = time.perf_counter()
+                self.huge_pages = use_huge_pages()
+                hp = self.huge_pages
+                log.info("huge pages requested on %d regions (%d MB, %d MB collapsed) in %.1f s",
+                         hp.regions, hp.bytes >> 20, hp.collapsed >> 20, time.perf_counter() - t0)  # fmt: skip
             applied = self.index.apply_pending(opts.index.apply_max)
             now = time.monotonic()
             if now - last_trending >= opts.trending_interval_s:

@@ -89,6 +89,9 @@ class ServingOptions(BaseModel):
     #: ``gc.freeze()`` the heap once the replicas caught up (a full collection over the 1M-item
     #: catalog and index costs ~35 ms with the GIL held; see ``Runtime.freeze_heap``)
     gc_freeze: bool = True
+    #: once the replicas caught up, ask the kernel for transparent huge pages on the large anonymous
+    #: mappings (the HNSW shards, vector copies, catalog): fewer TLB misses per search (``serving/memory.py``)
+    huge_pages: bool = True
     index: IndexSettings = IndexSettings()
     rank: RankSettings = RankSettings()
     model_version: str = "blend-v1"

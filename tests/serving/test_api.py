@@ -334,3 +334,14 @@ def test_the_heap_is_frozen_for_the_cyclic_gc_once_the_replica_caught_up(api: Ap
         assert time.monotonic() < deadline, "the heap was never frozen"
         time.sleep(0.02)
     assert gc.get_freeze_count() > 1000
+
+
+def test_huge_pages_are_requested_once_the_replica_caught_up(api: Api) -> None:
+    _wait_ready(api)
+    deadline = time.monotonic() + 10
+    while api.runtime.huge_pages is None:  # requested by the index thread right after catching up
+        assert time.monotonic() < deadline, "huge pages were never requested"
+        time.sleep(0.02)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert api.runtime.huge_pages.regions >= 1  # the shards' and the catalog's arrays, at least
