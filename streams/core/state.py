@@ -456,7 +456,8 @@ def apply_user_batch(
         accepted_at.append(at)
     weights = POSITIVE_WEIGHTS
     positives = [[ev for ev in acc if ev.type in weights] for acc in accepted]  # per user
-    order = sorted((j for j in range(len(batch)) if positives[j]), key=lambda j: -len(positives[j]))
+    n_pos = list(map(len, positives))
+    order = sorted([j for j, n in enumerate(n_pos) if n], key=n_pos.__getitem__, reverse=True)  # stable
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
     pos_fw: list[list[Forward]] = [[] for _ in batch]
@@ -647,7 +648,8 @@ def apply_item_batch(
 def _item_steps(
     news: list[ItemState], steps: list[list[Forward]], cfg: CoreConfig, ids: list[str] | None = None
 ) -> None:
-    order = sorted((j for j in range(len(news)) if steps[j]), key=lambda j: -len(steps[j]))
+    n_steps = list(map(len, steps))
+    order = sorted([j for j, n in enumerate(n_steps) if n], key=n_steps.__getitem__, reverse=True)  # stable
     if not order:
         return
     fresh = [j for j in order if news[j].vector is None]
