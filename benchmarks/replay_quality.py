@@ -11,8 +11,10 @@ each rating is a click at its timestamp. Never commit the data (GroupLens terms)
    64 factors) is trained once at the split and never updated; popularity counts are updated
    with each test event. recall@k is against the user's remaining test items; hit-rate@k is the
    next item. 95% bootstrap CIs over the test queries (1000 resamples).
-2. **Replay throughput**: the replayer (:func:`replay.replayer.replay_records`, one process,
-   one core) over the whole ratings log, decode included.
+2. **Replay throughput**: the replayer (:func:`replay.replayer.replay_records`, one process
+   pinned to one CPU) over the whole ratings log, decode included; the best of ``--replay-runs``
+   (3) runs, each with cold decode caches (the machines are shared: the best run is the one
+   least disturbed by other work).
 3. **Parity**: :func:`replay.parity.check_parity` on the committed golden log
    ``tests/replay/golden/events.jsonl`` against a fresh embedded broker (live worker vs replay).
 
@@ -132,21 +134,35 @@ def _peer_protocol(events: list, cfg: object) -> None:  # type: ignore[type-arg]
     )
 
 
-def _replay_throughput(path: Path) -> float:
+def _replay_throughput(path: Path, runs: int) -> float:
+    """Best of ``runs`` replays of the whole log, pinned to one CPU, each with cold decode caches."""
+    import os
+
     from replay.readers import open_log
     from replay.replayer import replay_records
+    from streams import codec
     from streams.config import Settings
 
     settings = Settings()
     cfg = settings.model.core()
     records = list(open_log(path, "movielens", settings.partitions))  # read first: time the replay itself
-    res = replay_records(records, cfg, settings.partitions, batch_size=settings.batch_size)
-    print(
-        f"replay: {res.events} records in {res.seconds:.2f} s ({res.events_per_s:.0f} events/s, "
-        f"cpu {res.cpu_seconds:.2f} s), {len(res.users)} users, {len(res.items)} items",
-        flush=True,
-    )
-    return res.events_per_s
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(cpus)})  # one core, as the issue asks (a BLAS thread would share it)
+    best = 0.0
+    try:
+        for run in range(runs):
+            codec.clear_caches()  # no run starts with the event-time memo of the one before
+            res = replay_records(records, cfg, settings.partitions, batch_size=settings.batch_size)
+            print(
+                f"replay run {run + 1}/{runs}: {res.events} records in {res.seconds:.2f} s "
+                f"({res.events_per_s:.0f} events/s, cpu {res.cpu_seconds:.2f} s), {len(res.users)} users, "
+                f"{len(res.items)} items",
+                flush=True,
+            )
+            best = max(best, res.events_per_s)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    return best
 
 
 def _parity() -> str:
@@ -191,6 +207,7 @@ def main() -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--als-backend", dest="als_backend", choices=("auto", "implicit", "numpy"), default="implicit")
     ap.add_argument("--validate", action="store_true", help="score a split of the training period only")
+    ap.add_argument("--replay-runs", type=int, default=3, help="replays timed; the best is reported")
     ap.add_argument("--skip-parity", action="store_true", help="print parity=skipped instead of starting a broker")
     args = ap.parse_args()
     if not args.ratings.is_file():
@@ -199,7 +216,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     n, recall = _quality(args.ratings, args)
-    eps = _replay_throughput(args.ratings)
+    eps = _replay_throughput(args.ratings, args.replay_runs)
     parity = "skipped" if args.skip_parity else _parity()
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     k = args.k
