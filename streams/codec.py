@@ -222,14 +222,14 @@ _I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the s
 _FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
 
 
-class _FastContext(msgspec.Struct):
+class _FastContext(msgspec.Struct, gc=False):
     surface: str | None = None
     session_id: str | None = None
     device: str | None = None
     position: Annotated[int, msgspec.Meta(ge=0, le=_I64)] | None = None
 
 
-class _FastEvent(msgspec.Struct):
+class _FastEvent(msgspec.Struct, gc=False):
     event_id: _FastId
     type: EventType
     event_time: str
