@@ -253,43 +253,61 @@ _IMPRESSION = EventType.IMPRESSION
 _UPSERT = EventType.ITEM_UPSERT
 
 
-def _fast(data: bytes, ref_us: int | None) -> Event | None:
-    """The event if the fast path accepts ``data`` outright, else None (ask decode_strict)."""
+def clear_caches() -> None:
+    """Forget the memo of parsed event times (benchmarks start each timed run cold)."""
+    _TIMES.clear()
+
+
+def decode(data: bytes, ref_us: int | None = None) -> Event:
+    """Parse and validate one event. Raises :class:`InvalidEvent` on any problem.
+
+    ``ref_us`` is the reference time of the future check (None skips it). This is the fast
+    path; whatever it does not accept outright goes to :func:`decode_strict` (one Python
+    call per event: the hot loops call this for every record).
+    """
+    if len(data) > MAX_EVENT_BYTES:
+        return decode_strict(data, ref_us)
+    # (the fallbacks are called outside the except blocks: a rejection's error carries no context)
     if not data.isascii():
         try:  # msgspec skips unknown keys without checking their UTF-8; orjson rejects them
             data.decode()
+            utf8 = True
         except UnicodeDecodeError:
-            return None
+            utf8 = False
+        if not utf8:
+            return decode_strict(data, ref_us)
     try:
-        w = _FAST.decode(data)
+        w: _FastEvent | None = _FAST.decode(data)
     except (msgspec.MsgspecError, ValueError):  # ValueError: e.g. invalid UTF-8 inside a string
-        return None
+        w = None
+    if w is None:
+        return decode_strict(data, ref_us)
     etype = w.type
     if w.user_id is None and etype in _NEEDS_USER:
-        return None
+        return decode_strict(data, ref_us)
     if w.item_id is None and etype in _NEEDS_ITEM:
-        return None
+        return decode_strict(data, ref_us)
     ts_us = _TIMES.get(w.event_time)
     if ts_us is None:
         try:
-            dt = datetime.fromisoformat(w.event_time)
+            dt: datetime | None = datetime.fromisoformat(w.event_time)
         except ValueError:
-            return None
-        if dt.tzinfo is None:
-            return None
+            dt = None
+        if dt is None or dt.tzinfo is None:
+            return decode_strict(data, ref_us)
         ts_us = datetime_to_ts(dt)
         if len(_TIMES) >= _TIMES_MAX:
             _TIMES.clear()
         _TIMES[w.event_time] = ts_us
     if ref_us is not None and ts_us > ref_us + MAX_FUTURE_US:
-        return None
+        return decode_strict(data, ref_us)
     items: tuple[str, ...] = ()
     propensity = None
     eligible = True
     vector = None
     if etype is _IMPRESSION:
         if w.items is None or len(w.items) > MAX_SLATE:
-            return None
+            return decode_strict(data, ref_us)
         items = tuple(w.items)
         propensity = w.propensity
     elif etype is _UPSERT:
@@ -302,23 +320,6 @@ def _fast(data: bytes, ref_us: int | None) -> Event | None:
         w.event_id, etype, ts_us, w.user_id, w.item_id, w.schema_version, ctx, items,
         w.request_id, propensity, eligible, w.category, vector,
     ))  # fmt: skip
-
-
-def clear_caches() -> None:
-    """Forget the memo of parsed event times (benchmarks start each timed run cold)."""
-    _TIMES.clear()
-
-
-def decode(data: bytes, ref_us: int | None = None) -> Event:
-    """Parse and validate one event. Raises :class:`InvalidEvent` on any problem.
-
-    ``ref_us`` is the reference time of the future check (None skips it).
-    """
-    if len(data) <= MAX_EVENT_BYTES:
-        ev = _fast(data, ref_us)
-        if ev is not None:
-            return ev
-    return decode_strict(data, ref_us)
 
 
 def _iso(ts_us: int) -> str:
