@@ -361,15 +361,6 @@ def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
     return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
 
 
-def _chunks(xs: list[_T], rounds: int) -> list[list[_T]]:
-    """Split ``xs`` into at most ``rounds`` contiguous chunks (one element each when short)."""
-    n = len(xs)
-    if n <= rounds:
-        return [[x] for x in xs]
-    bounds = [n * i // rounds for i in range(rounds + 1)]
-    return [xs[bounds[i] : bounds[i + 1]] for i in range(rounds)]
-
-
 def _rounds(
     per_key: list[list[_T]], max_rounds: int
 ) -> Iterator[tuple[int, list[_T], npt.NDArray[np.int_], npt.NDArray[np.intp]]]:
@@ -386,17 +377,19 @@ def _rounds(
     n_long = 0
     while n_long < len(lens) and lens[n_long] > max_rounds:
         n_long += 1
-    chunked = [_chunks(per_key[q], max_rounds) for q in range(n_long)]
+    long_lens = np.array(lens[:n_long])
+    # chunk r of a long key of n items: items [n * r // max_rounds, n * (r + 1) // max_rounds)
+    bounds = [(long_lens * r // max_rounds).tolist() for r in range(max_rounds + 1)]
     m = len(lens)
     for r in range(min(lens[0], max_rounds)):
         while lens[m - 1] <= r:  # keys with no item left in this round (a suffix)
             m -= 1
         if n_long:
-            groups = [chunked[q][r] for q in range(n_long)]
-            flat = [x for grp in groups for x in grp]
+            lo, hi = bounds[r], bounds[r + 1]
+            flat = list(_chain([per_key[q][lo[q] : hi[q]] for q in range(n_long)]))
             flat += [per_key[q][r] for q in range(n_long, m)]
             sizes = np.ones(m, dtype=np.int_)
-            sizes[:n_long] = [len(grp) for grp in groups]
+            sizes[:n_long] = np.subtract(hi, lo)
             yield m, flat, sizes, np.repeat(np.arange(m), sizes)
         else:
             yield m, [per_key[q][r] for q in range(m)], np.ones(m, dtype=np.int_), np.arange(m)
