@@ -19,12 +19,23 @@ Phases, all against a fresh embedded Tansu broker on 127.0.0.1:
 Last line:
 ``ingest: events_per_s=... raw_consumer_events_per_s=... ratio=... freshness_p50_ms=... freshness_p99_ms=...
 dlq=... lost=... duplicated=...``
+
+``--impression-cpu`` runs another measurement instead: what the API's impression stream costs the
+worker and the broker (the serving benchmark runs them on the same two cores as the API). Impressions
+shaped like ``serving/impressions.py`` writes them (20-item slates over a 1M-item catalog: 15 items
+uniform, 5 from a 200-item "trending" head; 10k users) are produced to ``impressions`` at ``--rate``
+(one round every 50 ms, as the API's impression logger drains) for ``--seconds`` after a warm-up; the
+worker's and the broker's CPU time (``/proc``) over the window,
+until the worker applied the last forward, is divided by the impressions produced in it. Last line:
+``impression_cpu: rate=... impressions=... worker_cpu_ms_per_impression=... broker_cpu_ms_per_impression=...
+by_item_records_per_impression=... item_changelog_records_per_impression=...``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -33,6 +44,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -44,6 +56,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 from streams.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.core import serde  # noqa: E402
+from streams.events import ts_to_datetime  # noqa: E402
 from streams.producer import Record, make_producer, produce_records, synthetic_events  # noqa: E402
 from streams.store import STATE_PREFIX, open_store  # noqa: E402
 
@@ -176,6 +189,101 @@ def count_dlq(settings: Settings) -> int:
     return len(sources)
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat``, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _impressions(n: int, seed: int, slate: int = 20, users: int = 10_000, items: int = 1_000_000) -> list[Record]:
+    """Impression events as the API logs them (``serving/impressions.py``)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        user = f"u{rng.randrange(users)}"
+        head = rng.sample(range(200), 5)
+        picked = [f"i{j}" for j in head] + [f"i{rng.randrange(200, items)}" for _ in range(slate - 5)]
+        ts = int(time.time() * 1_000_000)
+        event = {
+            "event_id": f"imp-s{seed}-{i}", "type": "impression", "user_id": user,
+            "event_time": serde_time(ts), "schema_version": 1, "request_id": f"s{seed}-{i}",
+            "items": picked, "positions": list(range(slate)), "scores": [round(1.0 - k / 100, 6) for k in range(slate)],
+            "sources": ["ann"] * slate, "fallback": False,
+            "versions": {"model": "m0", "index": 1, "state_event_watermark_us": ts},
+            "context": {"surface": "home"},
+        }  # fmt: skip
+        out.append(Record(user.encode(), orjson.dumps(event), ts))
+    return out
+
+
+def serde_time(ts_us: int) -> str:
+    """RFC 3339 UTC with microseconds, like the API writes event times."""
+    return ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z")
+
+
+def count_records(settings: Settings, topic: str) -> int:
+    """Records in every partition of ``topic`` (read to the end: Tansu's high watermark is too low)."""
+    c = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"count-{topic}",
+                  "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+    n, idle = 0, 0
+    while idle < 3:
+        msgs = c.consume(10000, 0.5)
+        idle = 0 if msgs else idle + 1
+        n += sum(1 for m in msgs if m.error() is None)
+    c.close()
+    return n
+
+
+def _produce_like_the_api(producer: Any, topic: str, records: list[Record], rate: float) -> None:
+    """``rate`` records/s in one round every 50 ms, as the API's impression logger drains its queue."""
+    t0 = time.monotonic()
+    sent = 0
+    while sent < len(records):
+        due = min(len(records), int((time.monotonic() - t0) * rate) + 1)
+        for rec in records[sent:due]:
+            producer.produce(topic, rec.value, rec.key)
+        sent = max(sent, due)
+        producer.poll(0)
+        time.sleep(0.05)
+    producer.flush(10)
+
+
+def impression_cpu(args: argparse.Namespace) -> None:
+    """The worker's and the broker's CPU per impression of an API-like impression stream."""
+    tmp = Path(tempfile.mkdtemp(prefix="freshrec-impr-"))
+    broker = EmbeddedBroker(port=free_port(), log_path=str(tmp / "tansu.log")).start()
+    settings = Settings(bootstrap_servers=broker.bootstrap, partitions=args.partitions, data_dir=str(tmp / "data"))
+    ensure_topics(settings)
+    producer = make_producer(broker.bootstrap)
+    topic = settings.topics.impressions
+    try:
+        worker = WorkerProc(settings, tmp / "stats.json")
+        worker.wait(lambda s: True, 60)
+        warm = _impressions(int(args.rate * 5), seed=11, slate=args.slate)
+        _produce_like_the_api(producer, topic, warm, args.rate)
+        worker.wait(lambda s: s["events"] >= len(warm) and s["item_records"] >= s["forwards"], 120)
+        n = int(args.rate * args.seconds)
+        records = _impressions(n, seed=12, slate=args.slate)
+        assert broker._proc is not None
+        w0, b0 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
+        _produce_like_the_api(producer, topic, records, args.rate)
+        worker.wait(lambda s: s["events"] >= len(warm) + n and s["item_records"] >= s["forwards"], 120)
+        w1, b1 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
+        worker.stop()
+        total = len(warm) + n
+        by_item = count_records(settings, settings.topics.by_item) / total
+        item_cl = count_records(settings, settings.topics.item_changelog) / total
+        print(
+            f"impression_cpu: rate={args.rate:.0f} impressions={n} slate={args.slate} "
+            f"worker_cpu_ms_per_impression={(w1 - w0) * 1000 / n:.3f} broker_cpu_ms_per_impression="
+            f"{(b1 - b0) * 1000 / n:.3f} by_item_records_per_impression={by_item:.2f} "
+            f"item_changelog_records_per_impression={item_cl:.2f}"
+        )
+    finally:
+        broker.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=600_000)
@@ -184,7 +292,14 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--fresh-seconds", type=float, default=10.0)
+    ap.add_argument("--impression-cpu", action="store_true", help="measure the CPU per impression instead")
+    ap.add_argument("--rate", type=float, default=300.0, help="impressions/s (--impression-cpu)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured window (--impression-cpu)")
+    ap.add_argument("--slate", type=int, default=20, help="items per impression (--impression-cpu)")
     args = ap.parse_args()
+    if args.impression_cpu:
+        impression_cpu(args)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="freshrec-ingest-"))
     broker = EmbeddedBroker(port=free_port(), log_path=str(tmp / "tansu.log")).start()
