@@ -533,6 +533,17 @@ def apply_user_events(
     return apply_user_batch([(user_id, state, events)], cfg, items)[0]
 
 
+def _bump(buckets: dict[int, list[int]], idx: int, slot: tuple[int, int, int]) -> None:
+    """Add one event's (impressions, clicks, positives) ``slot`` to bucket ``idx``."""
+    counts = buckets.get(idx)
+    if counts is None:
+        buckets[idx] = list(slot)
+    else:
+        counts[0] += slot[0]
+        counts[1] += slot[1]
+        counts[2] += slot[2]
+
+
 #: bucket slots an event type counts in: impressions, clicks, positive interactions
 _SLOTS: dict[EventType, tuple[int, int, int]] = {
     t: (1, 0, 0) if t is EventType.IMPRESSION else (0, 1, 1) if t is EventType.CLICK else (0, 0, 1) for t in EventType
@@ -596,26 +607,11 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     slots = _SLOTS
     for fw in events:
         ts = fw.ts_us
-        if ts < lo60_us:
-            continue
-        imp, clk, pos = slots[fw.type]
-        idx = ts // B60_US
-        counts60 = b60.get(idx)
-        if counts60 is None:
-            b60[idx] = [imp, clk, pos]
-        else:
-            counts60[0] += imp
-            counts60[1] += clk
-            counts60[2] += pos
-        idx = ts // B5_US
-        if idx >= lo5:
-            counts5 = b5.get(idx)
-            if counts5 is None:
-                b5[idx] = [imp, clk, pos]
-            else:
-                counts5[0] += imp
-                counts5[1] += clk
-                counts5[2] += pos
+        if ts >= lo60_us:
+            slot = slots[fw.type]
+            _bump(b60, ts // B60_US, slot)
+            if ts // B5_US >= lo5:
+                _bump(b5, ts // B5_US, slot)
     new.max_ts = max_ts
     return mine
 
