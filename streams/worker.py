@@ -73,6 +73,9 @@ FETCH_WAIT_MS = 50
 #: forwards per ``events.by-item`` record at most (a positive's forward is ~350 bytes: ~350 KB a record)
 PACK_FORWARDS = 1000
 
+#: item ids whose partition the worker remembers (a memo cleared when full, not a catalog)
+_ITEM_PART_MEMO = 1 << 18
+
 
 @dataclass
 class WorkerStats:
@@ -512,6 +515,8 @@ class StreamWorker:
     def _item_partition(self, item_id: str) -> int:
         p = self._item_part.get(item_id)
         if p is None:
+            if len(self._item_part) >= _ITEM_PART_MEMO:  # bounded: 1M items would hold ~100 MB
+                self._item_part.clear()
             p = self._item_part[item_id] = partition_for(item_id, self.settings.partitions)
         return p
 
