@@ -598,11 +598,15 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     lo60 = max_ts // B60_US - KEEP_B60
     b5, b60 = new.b5, new.b60
     if max_ts > old_max:
-        # (the old newest bucket is the old time's: when it is out too, all are)
-        if b5 and min(b5) < lo5:
-            b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5} if old_max // B5_US >= lo5 else {}
-        if b60 and min(b60) < lo60:
-            b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60} if old_max // B60_US >= lo60 else {}
+        # the old newest bucket is the old time's: when it is out too, all are (no scan)
+        if old_max // B5_US < lo5:
+            b5 = new.b5 = {}
+        elif b5 and min(b5) < lo5:
+            b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5}
+        if old_max // B60_US < lo60:
+            b60 = new.b60 = {}
+        elif b60 and min(b60) < lo60:
+            b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60}
     lo60_us = lo60 * B60_US
     slots = _SLOTS
     for fw in events:
