@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import heapq
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from hypothesis import strategies as hst
 from replay.cli import parse_speed
 from replay.parity import to_produce_records
 from replay.readers import LogRecord, read_jsonl_log
-from replay.replayer import ReplayResult, replay_records
+from replay.replayer import ReplayResult, _Decoded, _merge, replay_records
 from replay.snapshot import (
     VectorTolerance,
     compare,
@@ -157,6 +158,17 @@ def test_each_partition_keeps_offset_order_and_partitions_merge_by_event_time() 
     ]
     assert res.users["a"].recent[0][1] == "a1"  # newest first; a2 (10:10) was applied after a1, not late
     assert res.users["a"].counts[0] == 2 and res.dlq == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(hst.lists(hst.lists(hst.integers(0, 30), max_size=12), min_size=1, max_size=4), hst.booleans())
+def test_partition_merge_equals_a_k_way_merge_by_smallest_head(times: list[list[int]], in_order: bool) -> None:
+    """``_merge`` (a sort when every partition is in time order) gives exactly heapq.merge's order."""
+    streams = [
+        [tuple.__new__(_Decoded, (t, p, off, None, None, "")) for off, t in enumerate(sorted(ts) if in_order else ts)]
+        for p, ts in enumerate(times)
+    ]
+    assert _merge(streams) == list(heapq.merge(*streams))
 
 
 def test_late_is_decided_in_arrival_order_like_live() -> None:
