@@ -118,18 +118,15 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
     per_part: dict[int, list[_Decoded]] = defaultdict(list)
     decode = codec.decode
     new = tuple.__new__  # a NamedTuple from all its fields, without its generated __new__
-    n = 0
     for rec in records:
-        n += 1
-        p = rec.partition
-        ref = rec.ts_us if rec.ts_us is not None else record_ts_us
+        _key, value, ts_us, p, offset = rec
         try:
-            ev = decode(rec.value, ref)
+            ev = decode(value, ts_us if ts_us is not None else record_ts_us)
         except InvalidEvent as exc:
             rows = per_part[p]  # a bad record takes the event time of the record before it
-            per_part[p].append(new(_Decoded, (rows[-1].ts_us if rows else -1, p, rec.offset, None, rec, exc.reason)))
+            rows.append(new(_Decoded, (rows[-1].ts_us if rows else -1, p, offset, None, rec, exc.reason)))
             continue
-        per_part[p].append(new(_Decoded, (ev.ts_us, p, rec.offset, ev, rec, "")))
+        per_part[p].append(new(_Decoded, (ev.ts_us, p, offset, ev, rec, "")))
     streams = []
     for p in sorted(per_part):
         rows = per_part[p]
@@ -137,7 +134,7 @@ def _decode_all(records: Iterable[LogRecord], record_ts_us: int | None) -> tuple
         if offsets != sorted(offsets):
             rows.sort(key=lambda r: r.offset)  # stable: a reader that yields out of offset order
         streams.append(rows)
-    return streams, n
+    return streams, sum(map(len, streams))  # every record has a row, valid or not
 
 
 _first = itemgetter(0)
