@@ -34,8 +34,6 @@ __all__ = [
     "decode_user",
     "encode_item",
     "decode_item",
-    "encode_forward",
-    "decode_forward",
     "encode_forward_pack",
     "decode_forward_pack",
     "vector_of",
@@ -160,33 +158,6 @@ def decode_item(data: bytes) -> ItemState:
         offsets=b[8],
         upsert_key=tuple(b[9]) if b[9] is not None else None,
     )
-
-
-def encode_forward(f: Forward, src_partition: int, src_offset: int) -> bytes:
-    """Encode a forward with its source position (used by the item stage to drop re-sends)."""
-    body = [
-        f.item_id, f.event_id, _VALUES[f.type], f.ts_us, f.user_id, _floats(f.neg_scores), f.eligible, f.category,
-        None if f.bootstrap is None else _floats(f.bootstrap), src_partition, src_offset,
-    ]  # fmt: skip
-    return _pack(f.user_vector, body)
-
-
-def decode_forward(data: bytes) -> tuple[Forward, int, int]:
-    """Decode a forward -> (forward, source partition, source offset)."""
-    vector, b = _unpack(data)
-    fw = Forward(
-        item_id=b[0],
-        event_id=b[1],
-        type=_TYPES[b[2]],
-        ts_us=b[3],
-        user_id=b[4],
-        user_vector=vector,
-        neg_scores=tuple(b[5]),
-        eligible=b[6],
-        category=b[7],
-        bootstrap=tuple(b[8]) if b[8] is not None else None,
-    )
-    return fw, b[9], b[10]
 
 
 def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) -> bytes:

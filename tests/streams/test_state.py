@@ -129,7 +129,7 @@ def test_serde_round_trips() -> None:
     assert serde.encode_user(serde.decode_user(serde.encode_user(state))) == serde.encode_user(state)
     item = apply_item_forwards(None, "i1", out.forwards[:1], CFG)
     assert serde.encode_item(serde.decode_item(serde.encode_item(item))) == serde.encode_item(item)
-    f, src, seq = serde.decode_forward(serde.encode_forward(out.forwards[0], 3, 77))
+    src, (seq,), (f,), _ = serde.decode_forward_pack(serde.encode_forward_pack(3, [(77, out.forwards[0], 0)]))
     assert (src, seq, f.event_id) == (3, 77, "e1")
     assert f.user_vector is not None and np.array_equal(f.user_vector, out.forwards[0].user_vector)
 
