@@ -219,13 +219,7 @@ class ItemCatalog:
             incremental = False
         self._top, self._top_floor, self._top_len = cand, floor, keep
         rows = cand[best]
-        rows = rows[ck[best] > -np.inf]
-        # ordered by the float32 scores as of now_us, ties by id, exactly like a full pass
-        score = self._scores(rows, now_us)
-        ids = self._ids
-        order = sorted(range(len(rows)), key=lambda j: (-float(score[j]), ids[rows[j]]))
-        self._trending_ids = [ids[rows[j]] for j in order]
-        self.trending_computed_at_us = now_us
+        self._publish_trending(rows, self._scores(rows, now_us), now_us)
 
     def _refresh_full(self, now_us: int, size: int) -> None:
         """:meth:`refresh_trending` from the scores as of ``now_us`` of every row."""
@@ -234,10 +228,14 @@ class ItemCatalog:
         score = self.hot_scores(now_us)
         m = min(size, n)
         top = np.argpartition(-score, m - 1)[:m] if m < n else np.arange(n)
-        # ties broken by id for a deterministic list
+        self._publish_trending(top, score[top], now_us)
+
+    def _publish_trending(self, rows: npt.NDArray[np.intp], score: npt.NDArray[np.float32], now_us: int) -> None:
+        """Set the trending list to ``rows`` by their float32 ``score`` as of ``now_us``, ties by id
+        (a deterministic list), ineligible rows (score -inf) left out."""
         ids = self._ids
-        order = sorted(top.tolist(), key=lambda r: (-float(score[r]), ids[r]))
-        self._trending_ids = [ids[r] for r in order if score[r] > -np.inf]
+        order = sorted(range(len(rows)), key=lambda j: (-float(score[j]), ids[rows[j]]))
+        self._trending_ids = [ids[rows[j]] for j in order if score[j] > -np.inf]
         self.trending_computed_at_us = now_us
 
     @property
