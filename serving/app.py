@@ -182,19 +182,17 @@ class Runtime:
         opts = self.settings.serving
         assert self.index is not None
         last_trending = 0.0
-        frozen = not opts.gc_freeze
-        huge = not opts.huge_pages
+        settled = False  # the one-time work once the replica has caught up (the big structures exist)
         while not self._stop.is_set():
-            if not frozen and self.state.caught_up.is_set():
-                frozen = True
-                self.freeze_heap()
-            if not huge and self.state.caught_up.is_set():
-                huge = True
-                t0 = time.perf_counter()
-                self.huge_pages = use_huge_pages()
-                hp = self.huge_pages
-                log.info("huge pages requested on %d regions (%d MB, %d MB collapsed) in %.1f s",
-                         hp.regions, hp.bytes >> 20, hp.collapsed >> 20, time.perf_counter() - t0)  # fmt: skip
+            if not settled and self.state.caught_up.is_set():
+                settled = True
+                if opts.gc_freeze:
+                    self.freeze_heap()
+                if opts.huge_pages:
+                    t0 = time.perf_counter()
+                    hp = self.huge_pages = use_huge_pages()
+                    log.info("huge pages requested on %d regions (%d MB, %d MB collapsed) in %.1f s",
+                             hp.regions, hp.bytes >> 20, hp.collapsed >> 20, time.perf_counter() - t0)  # fmt: skip
             applied = self.index.apply_pending(opts.index.apply_max)
             now = time.monotonic()
             if now - last_trending >= opts.trending_interval_s:
