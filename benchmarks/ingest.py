@@ -54,9 +54,9 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 
 from streams.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from streams.codec import format_time  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.core import serde  # noqa: E402
-from streams.events import ts_to_datetime  # noqa: E402
 from streams.producer import Record, make_producer, produce_records, synthetic_events  # noqa: E402
 from streams.store import STATE_PREFIX, open_store  # noqa: E402
 
@@ -206,7 +206,7 @@ def _impressions(n: int, seed: int, slate: int = 20, users: int = 10_000, items:
         ts = int(time.time() * 1_000_000)
         event = {
             "event_id": f"imp-s{seed}-{i}", "type": "impression", "user_id": user,
-            "event_time": serde_time(ts), "schema_version": 1, "request_id": f"s{seed}-{i}",
+            "event_time": format_time(ts), "schema_version": 1, "request_id": f"s{seed}-{i}",
             "items": picked, "positions": list(range(slate)), "scores": [round(1.0 - k / 100, 6) for k in range(slate)],
             "sources": ["ann"] * slate, "fallback": False,
             "versions": {"model": "m0", "index": 1, "state_event_watermark_us": ts},
@@ -214,11 +214,6 @@ def _impressions(n: int, seed: int, slate: int = 20, users: int = 10_000, items:
         }  # fmt: skip
         out.append(Record(user.encode(), orjson.dumps(event), ts))
     return out
-
-
-def serde_time(ts_us: int) -> str:
-    """RFC 3339 UTC with microseconds, like the API writes event times."""
-    return ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z")
 
 
 def count_records(settings: Settings, topic: str) -> int:

@@ -29,8 +29,9 @@ from confluent_kafka import KafkaException, Producer
 
 from serving.recommend import Slate
 from serving.settings import ServingSettings
+from streams.codec import format_time
 from streams.core.partition import partition_for
-from streams.events import SCHEMA_VERSION, ts_to_datetime
+from streams.events import SCHEMA_VERSION
 
 __all__ = ["ImpressionLogger", "impression_event"]
 
@@ -43,7 +44,7 @@ def impression_event(slate: Slate, ts_us: int, surface: str | None) -> dict[str,
         "event_id": f"imp-{slate.request_id}",
         "type": "impression",
         "user_id": slate.user_id,
-        "event_time": ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z"),
+        "event_time": format_time(ts_us),
         "schema_version": SCHEMA_VERSION,
         "request_id": slate.request_id,
         "items": [it.item_id for it in slate.items],

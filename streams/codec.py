@@ -34,6 +34,7 @@ __all__ = [
     "clear_caches",
     "decode",
     "decode_strict",
+    "format_time",
     "encode",
     "to_dict",
     "from_dict",
@@ -322,7 +323,8 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
     ))  # fmt: skip
 
 
-def _iso(ts_us: int) -> str:
+def format_time(ts_us: int) -> str:
+    """Microseconds since the epoch -> the wire's RFC 3339 UTC event time (``...Z``)."""
     return ts_to_datetime(ts_us).isoformat().replace("+00:00", "Z")
 
 
@@ -331,7 +333,7 @@ def to_dict(event: Event) -> dict[str, Any]:
     out: dict[str, Any] = {
         "event_id": event.event_id,
         "type": event.type.value,
-        "event_time": _iso(event.ts_us),
+        "event_time": format_time(event.ts_us),
         "schema_version": event.schema_version,
     }
     if event.user_id is not None:
