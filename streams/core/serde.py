@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streams.core.state import FORWARD_SLOTS, Forward, ItemState, UserState, Vec
+from streams.core.state import FORWARD_SLOTS, TYPE_VALUE, Forward, ItemState, UserState, Vec
 from streams.errors import StoreError
 from streams.events import EventType
 
@@ -44,7 +44,6 @@ __all__ = [
 FORMAT = 1
 _HEAD = struct.Struct("<BH")
 _TYPES = {t.value: t for t in EventType}
-_VALUES = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
 #: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused)
 PACK = 0x46
 _PACK_HEAD = struct.Struct("<BHII")
@@ -183,7 +182,7 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
     prev = -1
     shift = _SLOT_BITS
     mask = FORWARD_SLOTS - 1
-    values = _VALUES
+    values = TYPE_VALUE
     for seq, f, ts_ms in forwards:
         if seq <= prev:
             raise ValueError(f"forward seqs must increase ({seq} after {prev})")

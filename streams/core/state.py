@@ -46,6 +46,7 @@ __all__ = [
     "forward_seqs",
     "upsert_forward",
     "TYPE_INDEX",
+    "TYPE_VALUE",
     "apply_user_events",
     "apply_user_batch",
     "apply_item_forwards",
@@ -62,7 +63,7 @@ _T = TypeVar("_T")
 
 TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
 N_TYPES = len(TYPE_INDEX)
-_TYPE_VALUE: dict[EventType, str] = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
+TYPE_VALUE: dict[EventType, str] = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
 _IMPR = TYPE_INDEX[EventType.IMPRESSION]
 _CLICK = TYPE_INDEX[EventType.CLICK]
 B5_US = 300 * 1_000_000  # 5-minute buckets
@@ -323,7 +324,7 @@ def _apply_user_features(
         counts[type_index[ev.type]] += 1
         accepted.append(ev)
         if ev.item_id is not None:
-            new_recent.append((ts, eid, ev.item_id, _TYPE_VALUE[ev.type]))
+            new_recent.append((ts, eid, ev.item_id, TYPE_VALUE[ev.type]))
         if ts > s_ts or (ts == s_ts and eid > s_eid):
             s_ts, s_eid = ts, eid
             ctx = ev.context
