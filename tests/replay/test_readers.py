@@ -36,7 +36,7 @@ EXPECTED_ORDER = [("3", "11", 900), ("12", "5", 950), ("7", "5", 1_000), ("7", "
 def _event(user: str, movie: str, ts: int) -> dict[str, object]:
     # the shape freshrec's MovieLens reader gives a rating, so every format describes the same events
     return {"event_id": f"ml-{user}-{movie}-{ts}", "type": "click", "user_id": user, "item_id": movie,
-            "event_time": codec._iso(ts * 1_000_000), "schema_version": 1}  # fmt: skip
+            "event_time": codec.format_time(ts * 1_000_000), "schema_version": 1}  # fmt: skip
 
 
 def _write_jsonl(path: Path) -> Path:
