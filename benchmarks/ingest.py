@@ -44,7 +44,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -261,10 +261,13 @@ def impression_cpu(args: argparse.Namespace) -> None:
         n = int(args.rate * args.seconds)
         records = _impressions(n, seed=12, slate=args.slate)
         assert broker._proc is not None
+        steps0 = cast(int, worker.stats()["batches"])
+        t0 = time.monotonic()
         w0, b0 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
         _produce_like_the_api(producer, topic, records, args.rate)
-        worker.wait(lambda s: s["events"] >= len(warm) + n and s["item_records"] >= s["forwards"], 120)
+        final = worker.wait(lambda s: s["events"] >= len(warm) + n and s["item_records"] >= s["forwards"], 120)
         w1, b1 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
+        steps_per_s = (cast(int, final["batches"]) - steps0) / (time.monotonic() - t0)
         worker.stop()
         total = len(warm) + n
         by_item = count_records(settings, settings.topics.by_item) / total
@@ -273,7 +276,7 @@ def impression_cpu(args: argparse.Namespace) -> None:
             f"impression_cpu: rate={args.rate:.0f} impressions={n} slate={args.slate} "
             f"worker_cpu_ms_per_impression={(w1 - w0) * 1000 / n:.3f} broker_cpu_ms_per_impression="
             f"{(b1 - b0) * 1000 / n:.3f} by_item_records_per_impression={by_item:.2f} "
-            f"item_changelog_records_per_impression={item_cl:.2f}"
+            f"item_changelog_records_per_impression={item_cl:.2f} worker_batches_per_s={steps_per_s:.1f}"
         )
     finally:
         broker.stop()

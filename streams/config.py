@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batch_size: int = Field(5000, ge=1)
     poll_timeout_s: float = Field(0.005, gt=0)
+    #: after a batch of fewer than ``batch_size // 2`` records, the next batch starts no sooner than
+    #: this long after that one started. Under load batches are full and nothing waits; at a trickle
+    #: the worker takes ~1/interval batches a second instead of one per fetch. Every batch costs the
+    #: broker a produce request and a stored record batch per touched partition of the forward and
+    #: changelog topics, and the embedded broker's cost per request grows with the batches it holds
+    #: (docs/ARCHITECTURE.md, "The embedded broker"); 0 turns it off.
+    min_batch_interval_s: float = Field(0.05, ge=0, le=5)
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
     #: decoded user/item states kept in memory per worker process, write-through (0 disables it);

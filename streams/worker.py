@@ -275,6 +275,8 @@ class StreamWorker:
         self._producer: Producer | None = None
         self._tail: Consumer | None = None
         self._last_stats = 0.0
+        #: monotonic time before which the next batch does not start (see ``Settings.min_batch_interval_s``)
+        self._next_batch_at = 0.0
         self.assigned = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -415,8 +417,14 @@ class StreamWorker:
     def step(self) -> int:
         """Run one batch; returns the number of records consumed."""
         assert self._consumer is not None and self._producer is not None
+        linger = self._next_batch_at - time.monotonic()
+        if linger > 0 and self._stop.wait(linger):
+            return 0
         self._tail_replica()
+        started = time.monotonic()
         msgs = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout_s)
+        small = len(msgs) < self.settings.batch_size // 2
+        self._next_batch_at = started + self.settings.min_batch_interval_s if msgs and small else 0.0
         if not msgs:
             self._producer.poll(0)
             self._maybe_write_stats()
