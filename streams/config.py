@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     #: the worker takes ~1/interval batches a second instead of one per fetch. Every batch costs the
     #: broker a produce request and a stored record batch per touched partition of the forward and
     #: changelog topics, and the embedded broker's cost per request grows with the batches it holds
-    #: (docs/ARCHITECTURE.md, "The embedded broker"); 0 turns it off.
+    #: (docs/ARCHITECTURE.md, "Tansu quirks"); 0 turns it off.
     min_batch_interval_s: float = Field(0.05, ge=0, le=5)
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
