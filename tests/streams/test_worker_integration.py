@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -347,3 +348,54 @@ def test_forwards_travel_in_packs_and_a_resent_pack_changes_nothing(live_setting
     assert again.stats.item_records == 2 * n_forwards + 1
     assert again.stats.resent_forwards == 2 * n_forwards
     assert _item_counts(s) == expected + Counter({new_item: 1})
+
+
+class _RecordsConsumes:
+    """The worker's real consumer, recording when each ``consume`` started and how many records it returned."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+        self.calls: list[tuple[float, int]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        started = time.monotonic()
+        msgs: list[Message] = self._real.consume(num_messages, timeout)  # type: ignore[attr-defined]
+        self.calls.append((started, len(msgs)))
+        return msgs
+
+
+def test_after_a_small_batch_the_next_waits_for_the_batch_interval(live_settings: Settings) -> None:
+    interval = 0.2
+    s = live_settings.model_copy(update={"min_batch_interval_s": interval, "batch_size": 10})
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        spy = _RecordsConsumes(worker._consumer)
+        worker._consumer = spy  # type: ignore[assignment]
+        _produce_clicks(producer, s, range(100), users=5, items=7)  # a backlog: full batches of 10
+        deadline = time.monotonic() + 60
+        while worker.stats.events < 100:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        for i in range(100, 112):  # then a trickle: one event every 30 ms
+            _produce_clicks(producer, s, range(i, i + 1), users=5, items=7)
+            worker.step()
+            time.sleep(0.03)
+        while worker.stats.events < 112:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+    finally:
+        worker.close()
+    gaps = [(n, later - t) for (t, n), (later, _) in itertools.pairwise(spy.calls)]
+    after_small = [gap for n, gap in gaps if 0 < n < 5]
+    after_full = [gap for n, gap in gaps if n == 10]
+    assert after_small and after_full
+    # no batch starts within the interval of a small one before it; a full one does not hold the next back
+    assert min(after_small) >= interval - 0.005, after_small
+    assert min(after_full) < interval, after_full
+    assert _user_counts(s) == Counter({f"u{u}": n for u, n in Counter(i % 5 for i in range(112)).items()})
