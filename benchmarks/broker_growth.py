@@ -16,7 +16,6 @@ Last line: ``broker_growth: batches=<n,...> cpu_pct=<a,...> ratio_vs_empty=<r at
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,16 +26,10 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
+from benchmarks.ingest import cpu_s  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 
 PARTITIONS = 4
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def live_window(bootstrap: str, pid: int, producer: Producer, rate: float, seconds: float, group: str) -> float:

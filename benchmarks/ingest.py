@@ -189,7 +189,7 @@ def count_dlq(settings: Settings) -> int:
     return len(sources)
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (``/proc/<pid>/stat``, Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -263,10 +263,10 @@ def impression_cpu(args: argparse.Namespace) -> None:
         assert broker._proc is not None
         steps0 = cast(int, worker.stats()["batches"])
         t0 = time.monotonic()
-        w0, b0 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
+        w0, b0 = cpu_s(worker.proc.pid), cpu_s(broker._proc.pid)
         _produce_like_the_api(producer, topic, records, args.rate)
         final = worker.wait(lambda s: s["events"] >= len(warm) + n and s["item_records"] >= s["forwards"], 120)
-        w1, b1 = _cpu_s(worker.proc.pid), _cpu_s(broker._proc.pid)
+        w1, b1 = cpu_s(worker.proc.pid), cpu_s(broker._proc.pid)
         steps_per_s = (cast(int, final["batches"]) - steps0) / (time.monotonic() - t0)
         worker.stop()
         total = len(warm) + n
