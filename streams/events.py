@@ -12,7 +12,7 @@ hot path; :attr:`Event.event_time` gives the tz-aware ``datetime`` view.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 __all__ = [
@@ -96,7 +96,6 @@ class Event(NamedTuple):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_US = timedelta(microseconds=1)
 
 
 def ts_to_datetime(ts_us: int) -> datetime:
@@ -106,6 +105,10 @@ def ts_to_datetime(ts_us: int) -> datetime:
 
 def datetime_to_ts(dt: datetime) -> int:
     """Tz-aware datetime -> microseconds since the epoch. Naive datetimes are rejected."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
+    tz = dt.tzinfo
+    if tz is not UTC and (tz is None or dt.utcoffset() is None):  # UTC (what "Z" parses to) has an offset
         raise ValueError("naive datetime: event times must carry a timezone")
-    return (dt - _EPOCH) // _ONE_US  # timedelta // timedelta: exact integer arithmetic, in C
+    # exact integer arithmetic; ``dt - _EPOCH`` reads no offset when dt is in UTC too, and the
+    # timedelta's fields are cheaper to combine than ``// timedelta(microseconds=1)``
+    d = dt - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
