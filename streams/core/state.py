@@ -411,9 +411,13 @@ def _damped_step(
         mean_contrib = contrib / sizes[:, None]
         mean_lr = lr / sizes
     else:
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        mean_contrib = np.add.reduceat(contrib, starts, axis=0) / sizes[:, None]
-        mean_lr = np.add.reduceat(lr, starts) / sizes
+        # the chunks of more than one event are a prefix (see ``_rounds``); the rest are single rows,
+        # which are their own sums: ``reduceat`` costs about as much per chunk as per summed row
+        k = int(np.flatnonzero(sizes > 1)[-1]) + 1
+        starts = np.concatenate([[0], np.cumsum(sizes[:k])])
+        n = starts[k]
+        mean_contrib = np.concatenate([np.add.reduceat(contrib[:n], starts[:k], axis=0), contrib[n:]]) / sizes[:, None]
+        mean_lr = np.concatenate([np.add.reduceat(lr[:n], starts[:k]), lr[n:]]) / sizes
     scale = np.sqrt(sizes).astype(np.float32)[:, None]
     out: npt.NDArray[np.float32] = (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)
     return out
