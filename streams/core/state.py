@@ -358,8 +358,15 @@ def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[
 
 
 def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
-    """Stack equal-length vectors into a new float32 matrix (3-4x faster than ``np.stack``)."""
-    return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
+    """Stack equal-length float32 vectors into a new, writable float32 matrix.
+
+    It joins their bytes: 3x faster than ``np.concatenate``, itself 3-4x faster than ``np.stack``.
+    Vectors of another item size (the core's are all float32) take ``np.concatenate``, which converts.
+    """
+    buf = bytearray().join(vectors)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs omit it
+    if len(buf) != 4 * dim * len(vectors):
+        return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
+    return np.frombuffer(buf, dtype=np.float32).reshape(len(vectors), dim)
 
 
 def _rounds(
