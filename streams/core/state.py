@@ -283,9 +283,10 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 def _apply_user_features(
     state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome
-) -> tuple[list[Event], list[int]]:
-    """Apply the order-independent features of one user's events; returns the accepted ones and their indexes.
+) -> tuple[list[Event], list[int], list[Event]]:
+    """Apply the order-independent features of one user's events.
 
+    Returns the accepted events, their indexes in ``events`` and the positive ones among them.
     Equal to applying the events one at a time, where each event that advances the
     user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
     is pruned once at the end, and an id that per-event pruning would already have
@@ -297,12 +298,16 @@ def _apply_user_features(
     horizon = max_ts - lateness
     counts = state.counts
     type_index = TYPE_INDEX
+    type_value = TYPE_VALUE
+    weights = POSITIVE_WEIGHTS
     accepted: list[Event] = []
     accepted_at: list[int] = []
+    positives: list[Event] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
     # the session's (event time, event id), compared without building tuples; -2**64 is below any time
     s_ts, s_eid = (session[0], session[1]) if session is not None else (-(1 << 64), "")
+    newest: Event | None = None  # the event that sets the session (its context is read once, at the end)
     dups = out.duplicates
     late = out.late
     for i, ev in enumerate(events):
@@ -321,17 +326,22 @@ def _apply_user_features(
         if ts > max_ts:
             max_ts = ts
             horizon = ts - lateness
-        counts[type_index[ev.type]] += 1
+        etype = ev.type
+        counts[type_index[etype]] += 1
         accepted.append(ev)
-        if ev.item_id is not None:
-            new_recent.append((ts, eid, ev.item_id, TYPE_VALUE[ev.type]))
+        if etype in weights:
+            positives.append(ev)
+        iid = ev.item_id
+        if iid is not None:
+            new_recent.append((ts, eid, iid, type_value[etype]))
         if ts > s_ts or (ts == s_ts and eid > s_eid):
             s_ts, s_eid = ts, eid
-            ctx = ev.context
-            session = (ts, eid, ctx.session_id, ctx.surface, ctx.device)
+            newest = ev
     if not accepted:
-        return accepted, accepted_at
-    state.session = session
+        return accepted, accepted_at, positives
+    if newest is not None:
+        ctx = newest.context
+        state.session = (s_ts, s_eid, ctx.session_id, ctx.surface, ctx.device)
     state.version += len(accepted)
     if max_ts > state.max_ts:
         state.max_ts = max_ts
@@ -344,7 +354,7 @@ def _apply_user_features(
         merged.sort(reverse=True)  # (event_time, event_id) is unique, so the rest never decides
         del merged[cfg.recent_n :]
         state.recent = merged
-    return accepted, accepted_at
+    return accepted, accepted_at, positives
 
 
 def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
@@ -451,16 +461,17 @@ def apply_user_batch(
     outs: list[Outcome] = []
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
+    positives: list[list[Event]] = []  # per user
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
         out = Outcome()
-        acc, at = _apply_user_features(new, events, cfg, out)
+        acc, at, pos = _apply_user_features(new, events, cfg, out)
         news.append(new)
         outs.append(out)
         accepted.append(acc)
         accepted_at.append(at)
+        positives.append(pos)
     weights = POSITIVE_WEIGHTS
-    positives = [[ev for ev in acc if ev.type in weights] for acc in accepted]  # per user
     n_pos = list(map(len, positives))
     order = sorted([j for j, n in enumerate(n_pos) if n], key=n_pos.__getitem__, reverse=True)  # stable
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
