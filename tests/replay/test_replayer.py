@@ -18,7 +18,7 @@ from hypothesis import strategies as hst
 from replay.cli import parse_speed
 from replay.parity import to_produce_records
 from replay.readers import LogRecord, read_jsonl_log
-from replay.replayer import ReplayResult, _Decoded, _merge, replay_records
+from replay.replayer import ReplayResult, _merge, replay_records
 from replay.snapshot import (
     VectorTolerance,
     compare,
@@ -165,7 +165,7 @@ def test_each_partition_keeps_offset_order_and_partitions_merge_by_event_time() 
 def test_partition_merge_equals_a_k_way_merge_by_smallest_head(times: list[list[int]], in_order: bool) -> None:
     """``_merge`` (a sort when every partition is in time order) gives exactly heapq.merge's order."""
     streams = [
-        [tuple.__new__(_Decoded, (t, p, off, None, None, "")) for off, t in enumerate(sorted(ts) if in_order else ts)]
+        [(t, p, off, None, None, "") for off, t in enumerate(sorted(ts) if in_order else ts)]
         for p, ts in enumerate(times)
     ]
     assert _merge(streams) == list(heapq.merge(*streams))
