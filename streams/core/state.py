@@ -301,8 +301,7 @@ def _apply_user_features(
     type_index = TYPE_INDEX
     type_value = TYPE_VALUE
     weights = POSITIVE_WEIGHTS
-    accepted: list[Event] = []
-    accepted_at: list[int] = []
+    dropped: list[int] = []  # indexes of the duplicates and late events (the rest is accepted)
     positives: list[Event] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
@@ -317,19 +316,19 @@ def _apply_user_features(
         prev = seen.get(eid)
         if prev is not None and prev >= horizon:
             dups.append(ev)
+            dropped.append(i)
             continue
         if ts < horizon:
             late.append(ev)
             out.late_src.append(i)
+            dropped.append(i)
             continue
         seen[eid] = ts
-        accepted_at.append(i)
         if ts > max_ts:
             max_ts = ts
             horizon = ts - lateness
         etype = ev.type
         counts[type_index[etype]] += 1
-        accepted.append(ev)
         if etype in weights:
             positives.append(ev)
         iid = ev.item_id
@@ -338,6 +337,13 @@ def _apply_user_features(
         if ts > s_ts or (ts == s_ts and eid > s_eid):
             s_ts, s_eid = ts, eid
             newest = ev
+    if dropped:
+        skip = set(dropped)
+        accepted_at = [i for i in range(len(events)) if i not in skip]
+        accepted = [events[i] for i in accepted_at]
+    else:  # the usual case: all of them
+        accepted_at = list(range(len(events)))
+        accepted = list(events)
     if not accepted:
         return accepted, accepted_at, positives
     if newest is not None:
