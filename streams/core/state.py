@@ -429,20 +429,23 @@ def _damped_step(
 ) -> npt.NDArray[np.float32]:
     """One update per key from its chunk: mean gradient x sqrt(chunk size), minus L2 decay.
 
-    For a chunk of one event this is exactly that event's SGD step.
+    For a chunk of one event this is exactly that event's SGD step. The arithmetic is float64 (what
+    float32 / int64 promotes to); the sizes and the float32 scale become float64 once, not once per
+    element of a broadcast.
     """
+    div = sizes.astype(np.float64)
     if len(sizes) == len(contrib):  # every chunk holds one event (same dtypes as the general path)
-        mean_contrib = contrib / sizes[:, None]
-        mean_lr = lr / sizes
+        mean_contrib = contrib / div[:, None]
+        mean_lr = lr / div
     else:
         # the chunks of more than one event are a prefix (see ``_rounds``); the rest are single rows,
         # which are their own sums: ``reduceat`` costs about as much per chunk as per summed row
         k = int(np.flatnonzero(sizes > 1)[-1]) + 1
         starts = np.concatenate([[0], np.cumsum(sizes[:k])])
         n = starts[k]
-        mean_contrib = np.concatenate([np.add.reduceat(contrib[:n], starts[:k], axis=0), contrib[n:]]) / sizes[:, None]
-        mean_lr = np.concatenate([np.add.reduceat(lr[:n], starts[:k]), lr[n:]]) / sizes
-    scale = np.sqrt(sizes).astype(np.float32)[:, None]
+        mean_contrib = np.concatenate([np.add.reduceat(contrib[:n], starts[:k], axis=0), contrib[n:]]) / div[:, None]
+        mean_lr = np.concatenate([np.add.reduceat(lr[:n], starts[:k]), lr[n:]]) / div
+    scale = np.sqrt(div).astype(np.float32).astype(np.float64)[:, None]  # a float32 sqrt, promoted once
     out: npt.NDArray[np.float32] = (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)
     return out
 
