@@ -5,14 +5,16 @@
     python3 dev.py test    # set up, then run the test suite (what .ci/run calls)
 
 Creates ``.venv`` next to this file on first use and installs the project into it
-(``pip install -e .[dev]``); later runs reuse it and only reinstall when
-pyproject.toml changed.
+(``pip install -e .[dev]``, which also compiles the hot modules with Cython where a C
+compiler is present); later runs reuse it, reinstall when pyproject.toml changed and
+rebuild when a compiled module's source changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import runpy
 import subprocess
 import sys
 import venv
@@ -37,14 +39,42 @@ def setup() -> None:
     if not PY.exists():
         print(f"creating virtualenv {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == want:
+    deps = _digest([ROOT / "pyproject.toml"])
+    # the hot modules are compiled in place (setup.py); a changed source needs a rebuild, not new packages
+    code = _digest([ROOT / "setup.py", *_compiled_sources()])
+    have = STAMP.read_text().split() if STAMP.exists() else []
+    if have == [deps, code] and not _stale_extensions():
         return
-    _run(str(PY), "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    # torch first, pinned, so that nothing pulls a multi-GB CUDA build
-    _run(str(PY), "-m", "pip", "install", "--quiet", "torch==2.13.0")
-    _run(str(PY), "-m", "pip", "install", "--quiet", "-e", ".[dev]")
-    STAMP.write_text(want)
+    if not have or have[0] != deps:
+        _run(str(PY), "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+        # torch first, pinned, so that nothing pulls a multi-GB CUDA build
+        _run(str(PY), "-m", "pip", "install", "--quiet", "torch==2.13.0")
+        _run(str(PY), "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    else:
+        _run(str(PY), "-m", "pip", "install", "--quiet", "--no-deps", "-e", ".")
+    STAMP.write_text(f"{deps} {code}")
+
+
+def _compiled_sources() -> list[Path]:
+    """The sources setup.py compiles (streams/_compiled.py lists their modules)."""
+    names: tuple[str, ...] = runpy.run_path(str(ROOT / "streams" / "_compiled.py"))["COMPILED"]
+    return [ROOT / "streams" / "_compiled.py", *(ROOT / (n.replace(".", "/") + ".py") for n in names)]
+
+
+def _stale_extensions() -> bool:
+    """Whether a compiled module's extension is older than its source (a checkout touched it)."""
+    for src in _compiled_sources()[1:]:
+        for ext in src.parent.glob(src.stem + ".*.so"):
+            if ext.stat().st_mtime < src.stat().st_mtime:
+                return True
+    return False
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def main() -> int:

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from streams import _compiled
+
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("freshrec")
@@ -76,6 +78,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # rarely instead (reference counting still frees everything at once).
     gc.set_threshold(50_000, 50, 1_000)
     worker = StreamWorker(settings)
+    log.info("per-event modules: %s", _compiled.build())
 
     def handler(signum: int, frame: object) -> None:
         worker.stop()

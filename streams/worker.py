@@ -40,7 +40,7 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
-from streams import codec
+from streams import _compiled, codec
 from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
@@ -138,6 +138,7 @@ class WorkerStats:
             "restored_records": self.restored_records,
             "state_cache_hits": self.state_cache_hits,
             "state_cache_misses": self.state_cache_misses,
+            "build": _compiled.build(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "item_records": self.item_records,
             "first_batch_at": self.first_batch_at,
