@@ -58,13 +58,15 @@ def setup() -> None:
 def _compiled_sources() -> list[Path]:
     """The sources setup.py compiles (streams/_compiled.py lists their modules)."""
     names: tuple[str, ...] = runpy.run_path(str(ROOT / "streams" / "_compiled.py"))["COMPILED"]
-    return [ROOT / "streams" / "_compiled.py", *(ROOT / (n.replace(".", "/") + ".py") for n in names)]
+    sources = [ROOT / (n.replace(".", "/") + ".py") for n in names]
+    pxds = [p for p in (s.with_suffix(".pxd") for s in sources) if p.exists()]  # C types for the same sources
+    return [ROOT / "streams" / "_compiled.py", *sources, *pxds]
 
 
 def _stale_extensions() -> bool:
     """Whether a compiled module's extension is older than its source (a checkout touched it)."""
     for src in _compiled_sources()[1:]:
-        for ext in src.parent.glob(src.stem + ".*.so"):
+        for ext in src.parent.glob(src.stem + ".cpython-*.so"):
             if ext.stat().st_mtime < src.stat().st_mtime:
                 return True
     return False

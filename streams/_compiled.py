@@ -6,10 +6,10 @@ compiler is available the build skips them and the same modules run as plain Pyt
 about 20% more CPU per event in the worker (BENCHMARKS.md).
 
 An in-place build (``pip install -e .``) leaves ``<module>.cpython-*.so`` next to ``<module>.py``, and
-Python prefers the extension. After the source is edited that extension is stale, so :func:`install`
-puts a finder first on ``sys.meta_path`` that loads the ``.py`` instead whenever it is newer than the
-extension (and logs it once). ``FRESHREC_PURE_PYTHON=1`` forces the plain modules everywhere (the
-differential tests compare both).
+Python prefers the extension. After the source (or its augmenting ``.pxd``, which gives C types to the
+same source's locals) is edited that extension is stale, so :func:`install` puts a finder first on
+``sys.meta_path`` that loads the ``.py`` instead whenever either is newer than the extension (and logs
+it). ``FRESHREC_PURE_PYTHON=1`` forces the plain modules everywhere (the differential tests compare both).
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class _FreshOnly:
         if not src.exists():  # an installed wheel without sources: the extension is all there is
             _loaded[fullname] = "compiled"
             return spec
-        stale = src.stat().st_mtime > ext.stat().st_mtime
+        pxd = src.with_suffix(".pxd")  # an augmenting declaration file (C types for the same source)
+        newest = max(src.stat().st_mtime, pxd.stat().st_mtime if pxd.exists() else 0.0)
+        stale = newest > ext.stat().st_mtime
         if not (stale or _pure()):
             _loaded[fullname] = "compiled"
             return spec
