@@ -75,8 +75,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # The worker allocates millions of short-lived, acyclic objects per second while holding
     # a large heap of cached states; with the default thresholds (700, 10, 10) the cyclic
     # collector rescanned that heap so often that it cost ~30% of the worker's CPU. Collect
-    # rarely instead (reference counting still frees everything at once).
-    gc.set_threshold(50_000, 50, 1_000)
+    # rarely instead (reference counting still frees everything at once). A young generation
+    # of 50k objects still cost ~11%: a 5,000-event batch holds ~10 container objects per event
+    # alive until it ends, so it crossed 50k every batch and each collection walked them all
+    # (75 collections, 1.5 s of 11 s). At 500k a collection comes every few seconds at full
+    # rate (0.2-0.5 s in all over the same run; one pause of up to ~0.2 s).
+    gc.set_threshold(500_000, 20, 1_000)
     worker = StreamWorker(settings)
     log.info("per-event modules: %s", _compiled.build())
 
