@@ -23,8 +23,8 @@ def _extensions() -> list[Extension]:
     except ImportError:  # a build without the build-system requirements: plain Python
         return []
     compiled = runpy.run_path(str(ROOT / "streams" / "_compiled.py"))["COMPILED"]
-    exts = [Extension(name, [name.replace(".", "/") + ".py"], optional=True) for name in compiled]
-    return list(
+    exts = [Extension(name, [name.replace(".", "/") + ".py"]) for name in compiled]
+    built = list(
         cythonize(
             exts,
             build_dir="build/cython",
@@ -38,6 +38,9 @@ def _extensions() -> list[Extension]:
             },
         )
     )
+    for ext in built:  # cythonize returns new Extension objects, without the template's ``optional``
+        ext.optional = True  # a failed compile (no C compiler) skips the module: it runs as plain Python
+    return built
 
 
 setup(ext_modules=_extensions())
