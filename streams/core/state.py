@@ -638,26 +638,27 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     # bucket index top, whatever the arrival order: when the newest event time moves, the buckets
     # that fell out of a window go, and an event older than its window counts in no bucket (in a
     # historical log most do: a replay batch spans days).
-    lo5 = max_ts // B5_US - KEEP_B5
-    lo60 = max_ts // B60_US - KEEP_B60
+    b5_us, b60_us, b5_per_b60 = B5_US, B60_US, _B5_PER_B60  # locals: C integers in the compiled build
+    lo5 = max_ts // b5_us - KEEP_B5
+    lo60 = max_ts // b60_us - KEEP_B60
     b5, b60 = new.b5, new.b60
     if max_ts > old_max:
         # the old newest bucket is the old time's: when it is out too, all are (no scan)
-        if old_max // B5_US < lo5:
+        if old_max // b5_us < lo5:
             b5 = new.b5 = {}
         elif b5 and min(b5) < lo5:
             b5 = new.b5 = {k: v for k, v in b5.items() if k >= lo5}
-        if old_max // B60_US < lo60:
+        if old_max // b60_us < lo60:
             b60 = new.b60 = {}
         elif b60 and min(b60) < lo60:
             b60 = new.b60 = {k: v for k, v in b60.items() if k >= lo60}
-    lo60_us = lo60 * B60_US
+    lo60_us = lo60 * b60_us
     slots = _SLOTS
     for ts, etype in events:
         if ts >= lo60_us:
             slot = slots[etype]
-            i5 = ts // B5_US
-            _bump(b60, i5 // _B5_PER_B60, slot)  # = ts // B60_US (floor divisions compose), a cheaper division
+            i5 = ts // b5_us
+            _bump(b60, i5 // b5_per_b60, slot)  # = ts // B60_US (floor divisions compose), a cheaper division
             if i5 >= lo5:
                 _bump(b5, i5, slot)
     new.max_ts = max_ts
