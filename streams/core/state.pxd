@@ -8,7 +8,8 @@ cdef class Outcome:
     cdef public list forwards, duplicates, late, forward_src, late_src
 
 @cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
-               positives=list, new_recent=list, dups=list, late=list, accepted_at=list, accepted=list, merged=list)
+               positives=list, new_recent=list, dups=list, late=list, accepted_at=list, accepted=list, merged=list,
+               recent=list)
 cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
 
 @cython.locals(counts=list)

@@ -361,12 +361,18 @@ def _apply_user_features(
             break
     if new_recent:
         # newest first by (event_time, event_id): the top recent_n of old and new entries, which
-        # is what inserting them one at a time and truncating gives (keys are unique: see above)
-        merged = state.recent + new_recent
-        # descending: equal entries (if any) are equal values, so sorting up and reversing gives the same
-        # list as ``sort(reverse=True)``, without the keyword argument (costly in the compiled module)
-        merged.sort()
-        merged.reverse()
+        # is what inserting them one at a time and truncating gives (keys are unique: see above).
+        # Descending: equal entries (if any) are equal values, so sorting up and reversing gives the
+        # same list as ``sort(reverse=True)``, without the keyword argument (costly when compiled).
+        new_recent.sort()
+        new_recent.reverse()
+        recent = state.recent
+        if not recent or new_recent[-1] > recent[0]:  # all newer than the kept ones (live, in order)
+            merged = new_recent + recent
+        else:
+            merged = recent + new_recent
+            merged.sort()
+            merged.reverse()
         del merged[cfg.recent_n :]
         state.recent = merged
     return accepted, accepted_at, positives
