@@ -49,6 +49,10 @@ PACK = 0x46
 _PACK_HEAD = struct.Struct("<BHII")
 _new = tuple.__new__
 _SLOT_BITS = FORWARD_SLOTS.bit_length() - 1  # seq >> _SLOT_BITS is the source position
+#: dtype objects, passed positionally: numpy parses a dtype string and keyword arguments on every call
+_F4 = np.dtype("<f4")
+_F8 = np.dtype("<f8")
+_frombuffer = np.frombuffer
 if 1 << _SLOT_BITS != FORWARD_SLOTS:
     raise ImportError("FORWARD_SLOTS must be a power of two for the forward pack")
 
@@ -65,7 +69,9 @@ def _floats(xs: Any) -> Any:
 def _pack(vector: Vec | None, body: Any) -> bytes:
     if vector is None:
         return _HEAD.pack(FORMAT, 0) + orjson.dumps(body)
-    return _HEAD.pack(FORMAT, len(vector)) + vector.astype("<f4", copy=False).tobytes() + orjson.dumps(body)
+    if vector.dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
+        vector = vector.astype(_F4)
+    return _HEAD.pack(FORMAT, len(vector)) + vector.tobytes() + orjson.dumps(body)
 
 
 def _unpack(data: bytes) -> tuple[Vec | None, Any]:
@@ -75,7 +81,7 @@ def _unpack(data: bytes) -> tuple[Vec | None, Any]:
     if fmt != FORMAT:
         raise StoreError(f"unknown state format {fmt}; this build reads format {FORMAT}")
     end = _HEAD.size + 4 * dim
-    vector = np.frombuffer(data, dtype="<f4", count=dim, offset=_HEAD.size).copy() if dim else None
+    vector = _frombuffer(data, _F4, dim, _HEAD.size).copy() if dim else None
     return vector, orjson.loads(data[end:])
 
 
@@ -90,7 +96,7 @@ def item_summary(data: bytes) -> tuple[Vec | None, list[Any]]:
     if fmt != FORMAT:
         raise StoreError(f"unknown state format {fmt}; this build reads format {FORMAT}")
     end = _HEAD.size + 4 * dim
-    vector = np.frombuffer(data, dtype="<f4", count=dim, offset=_HEAD.size) if dim else None
+    vector = _frombuffer(data, _F4, dim, _HEAD.size) if dim else None
     body: list[Any] = orjson.loads(data[end:])
     return vector, body
 
@@ -100,7 +106,7 @@ def vector_of(data: bytes) -> Vec | None:
     fmt, dim = _HEAD.unpack_from(data)
     if fmt != FORMAT:
         raise StoreError(f"unknown state format {fmt}")
-    return np.frombuffer(data, dtype="<f4", count=dim, offset=_HEAD.size) if dim else None
+    return _frombuffer(data, _F4, dim, _HEAD.size) if dim else None
 
 
 def encode_user(s: UserState) -> bytes:
@@ -215,8 +221,8 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
              None if bootstrap is None else _floats(bootstrap)]
         )  # fmt: skip
     head_bytes = _PACK_HEAD.pack(PACK, max(dim, 0), len(vectors), len(scores_flat))
-    block = np.concatenate(vectors).astype("<f4", copy=False).tobytes() if vectors else b""
-    score_bytes = np.array(scores_flat, dtype="<f8").tobytes() if scores_flat else b""
+    block = np.concatenate(vectors).astype(_F4, copy=False).tobytes() if vectors else b""
+    score_bytes = np.array(scores_flat, _F8).tobytes() if scores_flat else b""
     return head_bytes + block + score_bytes + orjson.dumps([src, groups])
 
 
@@ -229,11 +235,9 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
         raise StoreError(f"not a forward pack (first byte {fmt})")
     at = _PACK_HEAD.size + 4 * dim * rows
     vecs: list[Vec] = (
-        list(np.frombuffer(data, dtype="<f4", count=dim * rows, offset=_PACK_HEAD.size).reshape(rows, dim).copy())
-        if rows
-        else []
+        list(_frombuffer(data, _F4, dim * rows, _PACK_HEAD.size).reshape(rows, dim).copy()) if rows else []
     )
-    flat: list[float] = np.frombuffer(data, dtype="<f8", count=n_scores, offset=at).tolist() if n_scores else []
+    flat: list[float] = _frombuffer(data, _F8, n_scores, at).tolist() if n_scores else []
     src, groups = orjson.loads(memoryview(data)[at + 8 * n_scores :])
     seqs: list[int] = []
     forwards: list[Forward] = []

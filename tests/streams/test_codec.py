@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 
 import orjson
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from streams import codec
 from streams.errors import InvalidEvent
-from streams.events import Context, Event, EventType
+from streams.events import Context, Event, EventType, datetime_to_ts
 
 ids = st.text(min_size=1, max_size=40)
 ts = st.integers(min_value=0, max_value=4_000_000_000_000_000)
@@ -170,3 +172,51 @@ def test_fast_decoder_agrees_on_corrupted_events(ev: Event, data: st.DataObject)
 )
 def test_fast_decoder_edge_cases(raw: bytes) -> None:
     assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
+
+
+def test_fast_path_unpacks_the_structs_in_field_order() -> None:
+    # decode unpacks msgspec.structs.astuple(...) positionally
+    assert codec._FastEvent.__struct_fields__ == (
+        "event_id", "type", "event_time", "schema_version", "user_id", "item_id", "context", "items",
+        "request_id", "propensity", "eligible", "category", "vector",
+    )  # fmt: skip
+    assert codec._FastContext.__struct_fields__ == Context._fields
+
+
+_canonical_times = st.builds(
+    lambda y, mo, d, h, mi, s, frac: f"{y:04d}-{mo:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}{frac}Z",
+    st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.integers(0, 25), st.integers(0, 61),
+    st.integers(0, 61), st.sampled_from(["", ".000", ".250", ".999", ".000000", ".000001", ".123456", ".5", ".1234",
+                                          ".1234567", "."]),
+)  # fmt: skip
+
+
+_CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6})?Z", re.ASCII)
+
+
+@given(_canonical_times | _times | st.text(max_size=30))
+def test_utc_time_fast_path_agrees_with_fromisoformat(text: str) -> None:
+    codec.clear_caches()
+    for _ in range(2):  # cold, then from the memo of whole seconds
+        got = codec._utc_time_us(text)
+        try:
+            dt: datetime | None = datetime.fromisoformat(text)
+        except ValueError:
+            dt = None
+        if got is None:  # only the canonical form is taken, and all of it that is valid
+            assert dt is None or _CANONICAL.fullmatch(text) is None
+        else:
+            assert dt is not None and dt.tzinfo is not None and got == datetime_to_ts(dt)
+
+
+def test_utc_time_fast_path_takes_the_canonical_forms() -> None:
+    base = 1_795_341_600_000_000  # 2026-11-22T10:00:00Z
+    assert codec._utc_time_us("2026-11-22T10:00:00Z") == base
+    assert codec._utc_time_us("2026-11-22T10:00:00.250Z") == base + 250_000
+    assert codec._utc_time_us("2026-11-22T10:00:00.000007Z") == base + 7
+    for other in ("2026-11-22T10:00:00+00:00", "2026-11-22 10:00:00Z", "2026-11-22T10:00:00.5Z",
+                  "2026-11-22T10:00:00.\u0661\u0662\u0663Z", "2026-13-22T10:00:00Z"):  # fmt: skip
+        assert codec._utc_time_us(other) is None
+    # the other forms are parsed in full
+    assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T10:00:00.5Z"})).ts_us == base + 500_000
+    assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T12:00:00+02:00"})).ts_us == base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from streams.core.state import (
     Forward,
     apply_item_forwards,
     apply_user_events,
+    hash64,
     item_features,
     user_features,
 )
@@ -242,3 +244,31 @@ def test_item_features_of_any_order_and_batch_split_are_equal(
     assert {k: sum(v) - v[1] for k, v in one.b60.items()} == {
         k: n for k, n in expected.items()
     }  # impressions + positives, a click counted once
+
+
+def test_hash64_is_the_salted_8_byte_blake2b_of_the_text() -> None:
+    for seed in (0, 1, 7, 0, 2**40):  # a seed again: the cached hasher is copied, never updated itself
+        for text in ("", "u1", "iitem-42", "u1"):
+            want = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
+            assert hash64(text, seed) == int.from_bytes(want, "little")
+    assert hash64("u1", 0) != hash64("u1", 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.permutations(list(range(12))), st.lists(st.integers(0, 12), max_size=4))
+def test_recent_is_the_newest_entries_of_all_batches(perm: list[int], cuts: list[int]) -> None:
+    cfg = CoreConfig(dim=8, recent_n=5)
+    items = ItemReplica(cfg)
+    # distinct ids, times within the lateness window (nothing dropped); equal times for some pairs
+    events = [ev(i, EventType.VIEW, f"i{i}", (i // 2) * 1000) for i in perm]
+    state = None
+    for part in _cut(events, cuts):  # type: ignore[arg-type]
+        state, out = apply_user_events(state, "u1", part, cfg, items)  # type: ignore[arg-type]
+        assert not out.duplicates and not out.late
+    assert state is not None
+    want = sorted([(e.ts_us, e.event_id, e.item_id, "view") for e in events], reverse=True)[:5]
+    assert state.recent == want
+    in_order = None
+    for e in sorted(events, key=lambda e: (e.ts_us, e.event_id)):  # live, in event-time order: the prepend path
+        in_order, _ = apply_user_events(in_order, "u1", [e], cfg, items)
+    assert in_order is not None and in_order.recent == want

@@ -1,0 +1,26 @@
+# C declarations for the compiled build of state.py (Cython's augmenting .pxd; the .py stays the source).
+# cpdef: callable from Python as before, and direct C calls within the module. The typed containers are
+# exact builtins in every state this module builds or serde decodes (never a subclass).
+import cython
+
+# an extension type in the compiled build: built once per user per batch, 25x cheaper than the class
+cdef class Outcome:
+    cdef public list forwards, duplicates, late, forward_src, late_src
+
+@cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
+               positives=list, new_recent=list, dups=list, late=list, accepted_at=list, accepted=list, merged=list,
+               recent=list)
+cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
+
+@cython.locals(counts=list)
+cpdef _bump(dict buckets, object idx, tuple slot)
+
+# event times in microseconds and their bucket indexes: int64 (event times are datetimes, years 1-9999)
+@cython.locals(counts=list, type_index=dict, events=list, mine=list, b5=dict, b60=dict, slots=dict,
+               ts=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong, i5=cython.longlong,
+               lo5=cython.longlong, lo60=cython.longlong, lo60_us=cython.longlong, b5_us=cython.longlong,
+               b60_us=cython.longlong, b5_per_b60=cython.longlong)
+cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
+
+@cython.locals(src=list, seqs=list)
+cpdef list forward_seqs(Outcome out, object positions)
