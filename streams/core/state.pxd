@@ -22,7 +22,7 @@ cpdef _bump(dict buckets, object idx, tuple slot)
                b60_us=cython.longlong, b5_per_b60=cython.longlong)
 cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
 
-@cython.locals(src=list, seqs=list)
+@cython.locals(src=list, seqs=list, i=Py_ssize_t)
 cpdef list forward_seqs(Outcome out, object positions)
 
 @cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,

@@ -268,8 +268,12 @@ def forward_seqs(out: Outcome, positions: Sequence[int]) -> list[int]:
     user's i-th input event; the forwards of one record get ``position * FORWARD_SLOTS + 0, 1, ...``.
     """
     src = out.forward_src
-    if len(src) == len(positions) and len(set(src)) == len(src):  # one forward per event (src is sorted)
-        return [p * FORWARD_SLOTS for p in positions]
+    if len(src) == len(positions):  # one forward per event when src is 0, 1, 2, ... (no set to build)
+        for i in range(len(src)):
+            if src[i] != i:
+                break
+        else:
+            return [p * FORWARD_SLOTS for p in positions]
     seqs: list[int] = []
     prev, sub = -1, 0
     for i in src:
