@@ -12,8 +12,11 @@ cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
 @cython.locals(out=list, missing=list, from_store=list)
 cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
 
+@cython.locals(groups=dict, mine=list)
+cpdef dict _by_partition(object msgs)
+
 @cython.locals(per_user=dict, mine=tuple)
-cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected)
+cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
 @cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list)
 cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)

@@ -213,27 +213,52 @@ def _fetch_states(
     return out, len(missing)
 
 
+def _by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
+    """The consumed records by (topic, partition), in order; consumer errors are logged and skipped."""
+    groups: dict[tuple[str, int], list[Message]] = {}
+    for m in msgs:
+        err = m.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+            continue
+        topic = m.topic()
+        partition = m.partition()
+        assert topic is not None and partition is not None
+        key = (topic, partition)
+        mine = groups.get(key)
+        if mine is None:
+            groups[key] = [m]
+        else:
+            mine.append(m)
+    return groups
+
+
 def _group_user_events(
     batch: list[Message],
     forwards: list[tuple[int, Forward, int]],
     rec_ts: dict[int, int],
     rejected: list[tuple[Message, str, str]],
+    stamps: list[int],
 ) -> dict[str, _UserInput]:
     """Decode a user-stage batch into each user's offsets and events, in batch (offset) order.
 
     Item upserts skip the user stage: their forwards go to ``forwards``. Records that do not decode
-    go to ``rejected`` with the reason and detail. ``rec_ts`` gets each decoded record's timestamp.
+    go to ``rejected`` with the reason and detail. ``rec_ts`` gets each decoded record's timestamp,
+    ``stamps`` every record's, in batch order.
     """
     per_user: dict[str, _UserInput] = {}
     decode = codec.decode
     for m in batch:
         ts_ms = m.timestamp()[1]
+        stamps.append(ts_ms)
         try:
             ev = decode(m.value() or b"", ts_ms * 1000 if ts_ms > 0 else None)
         except InvalidEvent as exc:
             rejected.append((m, exc.reason, exc.detail))
             continue
-        off = cast(int, m.offset())
+        off = m.offset()
+        assert off is not None  # (a consumed record has one; typing.cast would be a Python call per record)
         rec_ts[off] = ts_ms
         if ev.type is _UPSERT:
             forwards.append((off * FORWARD_SLOTS, upsert_forward(ev), ts_ms))
@@ -300,7 +325,8 @@ def _group_forward_packs(
             continue
         hwm[src] = seqs[-1]
         touched_src.add(src)
-        off = cast(int, m.offset())
+        off = m.offset()
+        assert off is not None
         for fw in pack[start:] if start else pack:
             mine = per_item.get(fw.item_id)
             if mine is None:
@@ -688,14 +714,7 @@ class StreamWorker:
             return 0
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = self.clock()
-        groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
-                continue
-            groups[(cast(str, m.topic()), cast(int, m.partition()))].append(m)
+        groups = _by_partition(msgs)
         fresh_user: list[int] = []
         fresh_item: list[int] = []
         try:
@@ -732,8 +751,7 @@ class StreamWorker:
             if stage == "item":
                 pending.update(self._item_batch(shard, topic, batch, pending, fresh_item))
             else:
-                pending.update(self._user_batch(shard, topic, batch, pending))
-                fresh_user.extend(m.timestamp()[1] for m in batch)
+                pending.update(self._user_batch(shard, topic, batch, pending, fresh_user))
         # forwards, changelogs and DLQ records must be durable before the states commit
         remaining = self._producer.flush(30)
         if remaining:
@@ -777,7 +795,7 @@ class StreamWorker:
         return out
 
     def _user_batch(
-        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
+        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes], fresh_ts: list[int]
     ) -> dict[bytes, bytes]:
         assert self._producer is not None
         producer = self._producer
@@ -786,7 +804,7 @@ class StreamWorker:
         forwards: list[tuple[int, Forward, int]] = []  # (seq, forward, record ts)
         rec_ts: dict[int, int] = {}
         rejected: list[tuple[Message, str, str]] = []
-        per_user = _group_user_events(batch, forwards, rec_ts, rejected)
+        per_user = _group_user_events(batch, forwards, rec_ts, rejected, fresh_ts)
         for m, reason, detail in rejected:
             self._dlq(m, reason, detail)
         stats.events += len(batch)

@@ -88,12 +88,14 @@ def test_group_user_events_groups_by_user_and_sets_aside_bad_records_and_upserts
     forwards: list[tuple[int, Forward, int]] = []
     rec_ts: dict[int, int] = {}
     rejected: list[tuple[Message, str, str]] = []
-    per_user = worker._group_user_events(batch, forwards, rec_ts, rejected)
+    stamps: list[int] = []
+    per_user = worker._group_user_events(batch, forwards, rec_ts, rejected, stamps)
     assert list(per_user) == ["u1", "u2"]
     assert per_user["u1"][0] == [10, 14] and [e.event_id for e in per_user["u1"][1]] == ["e1", "e4"]
     assert [(m.offset(), reason) for m, reason, _ in rejected] == [(11, "bad_json")]
     assert [(seq, fw.item_id, ts) for seq, fw, ts in forwards] == [(13 * FORWARD_SLOTS, "i7", 1_795_341_600_000)]
     assert rec_ts == {10: 1_795_341_600_000, 12: 1_795_341_600_000, 13: 1_795_341_600_000, 14: 0}
+    assert stamps == [1_795_341_600_000] * 4 + [0]
 
 
 def test_past_guards_drops_what_the_states_already_include() -> None:
@@ -142,3 +144,14 @@ def test_group_forward_packs_skips_what_a_resend_repeats() -> None:
     assert per_item["i2"][0] == [0]
     again, read, resent = worker._group_forward_packs([_msg(2, pack2)], hwm, set(), [])
     assert (again, read, resent) == ({}, 2, 2)
+
+
+def test_by_partition_keeps_each_partitions_records_in_order_and_skips_errors() -> None:
+    from confluent_kafka import KafkaError
+
+    def m(topic: str, part: int, off: int) -> Message:
+        return Message(topic=topic, partition=part, offset=off, value=b"")
+
+    eof = Message(topic="a", partition=0, error=KafkaError(KafkaError._PARTITION_EOF))
+    groups = worker._by_partition([m("a", 0, 1), m("b", 0, 7), eof, m("a", 1, 3), m("a", 0, 2)])
+    assert {k: [x.offset() for x in v] for k, v in groups.items()} == {("a", 0): [1, 2], ("b", 0): [7], ("a", 1): [3]}
