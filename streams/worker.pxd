@@ -5,6 +5,10 @@
 # direct C calls from within the module.
 import cython
 
+cpdef object _lowest(list xs)
+
+cpdef object _highest(list xs)
+
 cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*)
 
 cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)

@@ -155,3 +155,10 @@ def test_by_partition_keeps_each_partitions_records_in_order_and_skips_errors() 
     eof = Message(topic="a", partition=0, error=KafkaError(KafkaError._PARTITION_EOF))
     groups = worker._by_partition([m("a", 0, 1), m("b", 0, 7), eof, m("a", 1, 3), m("a", 0, 2)])
     assert {k: [x.offset() for x in v] for k, v in groups.items()} == {("a", 0): [1, 2], ("b", 0): [7], ("a", 1): [3]}
+
+
+def test_lowest_and_highest_are_min_and_max() -> None:
+    for xs in ([3], [5, 2, 9, 2], [10, 11, 12], [2**70, -1, 0]):
+        assert (worker._lowest(xs), worker._highest(xs)) == (min(xs), max(xs))
+    with pytest.raises(IndexError):
+        worker._lowest([])
