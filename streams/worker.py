@@ -49,6 +49,7 @@ from streams.core.state import (
     CoreConfig,
     Forward,
     ItemState,
+    Outcome,
     UserState,
     apply_item_batch,
     apply_user_batch,
@@ -152,11 +153,317 @@ class WorkerStats:
 
 
 _S = TypeVar("_S", UserState, ItemState)
+_T = TypeVar("_T", Event, Forward)
 _first = itemgetter(0)
 
 
 def _off_key(topic: str, partition: int) -> bytes:
     return META_PREFIX + f"off:{topic}:{partition}".encode()
+
+
+_UPSERT = EventType.ITEM_UPSERT
+
+# -- the per-record loops ------------------------------------------------------------------
+# Module-level functions (not methods): streams/worker.pxd gives their locals C types when the
+# module is compiled, and calls between them are direct C calls there.
+
+#: one key's input of a batch: the source offsets and, in the same order, the events (forwards)
+_UserInput = tuple[list[int], list[Event]]
+_ItemInput = tuple[list[int], list[Forward]]
+
+
+def _lowest(xs: list[int]) -> int:
+    """``min(xs)`` of a non-empty list (the builtin costs a call with keyword parsing; typed, this is a C loop)."""
+    low = xs[0]
+    for x in xs:
+        if x < low:
+            low = x
+    return low
+
+
+def _highest(xs: list[int]) -> int:
+    """``max(xs)`` of a non-empty list (see ``_lowest``)."""
+    high = xs[0]
+    for x in xs:
+        if x > high:
+            high = x
+    return high
+
+
+def _send(producer: Producer, topic: str, value: bytes, key: bytes | None, partition: int, ts_ms: int = 0) -> None:
+    """Produce one record, polling while the client's queue is full."""
+    while True:
+        try:
+            # positional: confluent-kafka parses keyword arguments at ~0.6 us a record
+            producer.produce(topic, value, key, partition, None, None, ts_ms)
+            return
+        except BufferError:
+            producer.poll(0.01)
+
+
+def _cache_put(cache: dict[bytes, Any], limit: int, key: bytes, state: object) -> None:
+    """Put ``state`` in ``cache`` as the most recently used entry; evict the oldest tenth when over ``limit``."""
+    if limit <= 0:
+        return
+    cache.pop(key, None)
+    cache[key] = state
+    if len(cache) > limit:
+        for old in list(itertools.islice(cache, len(cache) - limit + limit // 10)):
+            del cache[old]
+
+
+def _fetch_states(
+    cache: dict[bytes, Any], store: Store, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+) -> tuple[list[_S | None], int]:
+    """Decoded states of ``keys`` (the cache, then the batch's unwritten values, then the store); the cache misses."""
+    out: list[_S | None] = [cache.get(k) for k in keys]
+    missing = [i for i, s in enumerate(out) if s is None]
+    if not missing:
+        return out, 0
+    from_store = [i for i in missing if keys[i] not in pending]
+    for i, raw in zip(from_store, store.multi_get([keys[i] for i in from_store]), strict=True):
+        if raw is not None:
+            out[i] = decode(raw)
+    for i in missing:
+        raw = pending.get(keys[i])
+        if raw is not None:
+            out[i] = decode(raw)
+    return out, len(missing)
+
+
+def _by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
+    """The consumed records by (topic, partition), in order; consumer errors are logged and skipped."""
+    groups: dict[tuple[str, int], list[Message]] = {}
+    for m in msgs:
+        err = m.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+            continue
+        topic = m.topic()
+        partition = m.partition()
+        assert topic is not None and partition is not None
+        key = (topic, partition)
+        mine = groups.get(key)
+        if mine is None:
+            groups[key] = [m]
+        else:
+            mine.append(m)
+    return groups
+
+
+def _group_user_events(
+    batch: list[Message],
+    forwards: list[tuple[int, Forward, int]],
+    rec_ts: dict[int, int],
+    rejected: list[tuple[Message, str, str]],
+    stamps: list[int],
+) -> dict[str, _UserInput]:
+    """Decode a user-stage batch into each user's offsets and events, in batch (offset) order.
+
+    Item upserts skip the user stage: their forwards go to ``forwards``. Records that do not decode
+    go to ``rejected`` with the reason and detail. ``rec_ts`` gets each decoded record's timestamp,
+    ``stamps`` every record's, in batch order.
+    """
+    per_user: dict[str, _UserInput] = {}
+    decode = codec.decode
+    for m in batch:
+        ts_ms = m.timestamp()[1]
+        stamps.append(ts_ms)
+        try:
+            ev = decode(m.value() or b"", ts_ms * 1000 if ts_ms > 0 else None)
+        except InvalidEvent as exc:
+            rejected.append((m, exc.reason, exc.detail))
+            continue
+        off = m.offset()
+        assert off is not None  # (a consumed record has one; typing.cast would be a Python call per record)
+        rec_ts[off] = ts_ms
+        if ev.type is _UPSERT:
+            forwards.append((off * FORWARD_SLOTS, upsert_forward(ev), ts_ms))
+            continue
+        uid = ev.user_id
+        assert uid is not None
+        mine = per_user.get(uid)
+        if mine is None:
+            per_user[uid] = ([off], [ev])
+        else:
+            mine[0].append(off)
+            mine[1].append(ev)
+    return per_user
+
+
+def _past_guards(
+    keys: list[str], states: list[_S | None], inputs: dict[str, tuple[list[int], list[_T]]], topic: str
+) -> tuple[list[tuple[str, _S | None, list[_T]]], list[list[int]], int]:
+    """The core's work: each key's input past its state's offset guard for ``topic``.
+
+    Returns the work items, the offsets of each one's input and how many inputs were dropped as
+    redelivered (at or below the guard: the state already includes them).
+    """
+    if len(keys) != len(states):
+        raise ValueError("one state per key")
+    work: list[tuple[str, _S | None, list[_T]]] = []
+    offsets: list[list[int]] = []
+    dropped = 0
+    for i in range(len(keys)):
+        key = keys[i]
+        state = states[i]
+        offs, xs = inputs[key]
+        guard = state.offsets.get(topic, -1) if state is not None else -1
+        if guard >= _lowest(offs):  # a redelivery: keep what is past the guard
+            fresh = [k for k in range(len(offs)) if offs[k] > guard]
+            dropped += len(offs) - len(fresh)
+            if not fresh:
+                continue
+            offs = [offs[k] for k in fresh]
+            xs = [xs[k] for k in fresh]
+        work.append((key, state, xs))
+        offsets.append(offs)
+    return work, offsets, dropped
+
+
+def _group_forward_packs(
+    batch: list[Message], hwm: dict[int, int], touched_src: set[int], fresh_ts: list[int]
+) -> tuple[dict[str, _ItemInput], int, int]:
+    """Decode an item-stage batch of forward packs into each item's offsets and forwards.
+
+    Forwards at or below their source's high-water mark in ``hwm`` are re-sent ones and are
+    skipped; ``hwm`` and ``touched_src`` are updated. Returns the items' input, the forwards
+    read and the forwards skipped.
+    """
+    per_item: dict[str, _ItemInput] = {}
+    read = resent = 0
+    for m in batch:
+        src, seqs, pack, stamps = serde.decode_forward_pack(m.value() or b"")
+        read += len(pack)
+        # seqs increase within a pack and across one source's packs: what a re-send repeats is a prefix
+        start = bisect_right(seqs, hwm.get(src, -1))
+        resent += start
+        if start == len(pack):
+            continue
+        hwm[src] = seqs[-1]
+        touched_src.add(src)
+        off = m.offset()
+        assert off is not None
+        for fw in pack[start:] if start else pack:
+            mine = per_item.get(fw.item_id)
+            if mine is None:
+                per_item[fw.item_id] = ([off], [fw])
+            else:
+                mine[0].append(off)
+                mine[1].append(fw)
+        fresh_ts.extend(stamps[start:] if start else stamps)
+    return per_item, read, resent
+
+
+def _store_users(
+    work: list[tuple[str, UserState | None, list[Event]]],
+    offsets: list[list[int]],
+    results: list[tuple[UserState, Outcome]],
+    topic: str,
+    rec_ts: dict[int, int],
+    forwards: list[tuple[int, Forward, int]],
+    late: list[int],
+    puts: dict[bytes, bytes],
+    shard: _Shard,
+    producer: Producer,
+    changelog: str,
+) -> int:
+    """Take the core's new user states: offset guards, forwards, ``puts``, the cache and the changelog.
+
+    The offsets of late events (for the DLQ) go to ``late``; returns the number of duplicates.
+    """
+    if not len(work) == len(offsets) == len(results):
+        raise ValueError("one result per work item")
+    cache = shard.cache
+    limit = shard.cache_entries
+    partition = shard.partition
+    duplicates = 0
+    for n in range(len(work)):
+        uid = work[n][0]
+        offs = offsets[n]
+        new, out = results[n]
+        new.offsets[topic] = _highest(offs)
+        duplicates += len(out.duplicates)
+        for i in out.late_src:
+            late.append(offs[i])
+        seqs = forward_seqs(out, offs)
+        fws = out.forwards
+        fw_src = out.forward_src
+        if not len(seqs) == len(fws) == len(fw_src):
+            raise ValueError("one sequence number and source per forward")
+        for j in range(len(fws)):
+            forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
+        ukey = uid.encode()
+        key = STATE_PREFIX + ukey
+        value = serde.encode_user(new)
+        puts[key] = value
+        _cache_put(cache, limit, key, new)
+        _send(producer, changelog, value, ukey, partition)
+    return duplicates
+
+
+def _send_forward_packs(
+    producer: Producer,
+    topic: str,
+    src: int,
+    forwards: list[tuple[int, Forward, int]],
+    part_memo: dict[str, int],
+    partitions: int,
+) -> None:
+    """Produce ``forwards`` as packs per item partition: in seq order, ``PACK_FORWARDS`` at most each.
+
+    ``part_memo`` remembers item ids' partitions (cleared when it holds ``_ITEM_PART_MEMO``).
+    """
+    forwards.sort(key=_first)
+    per_part: dict[int, list[tuple[int, Forward, int]]] = {}
+    for t in forwards:
+        iid = t[1].item_id
+        p = part_memo.get(iid)
+        if p is None:
+            if len(part_memo) >= _ITEM_PART_MEMO:  # bounded: 1M items would hold ~100 MB
+                part_memo.clear()
+            p = part_memo[iid] = partition_for(iid, partitions)
+        mine = per_part.get(p)
+        if mine is None:
+            per_part[p] = [t]
+        else:
+            mine.append(t)
+    for p, fws in per_part.items():
+        for i in range(0, len(fws), PACK_FORWARDS):
+            chunk = fws[i : i + PACK_FORWARDS]
+            _send(producer, topic, serde.encode_forward_pack(src, chunk), None, p, chunk[0][2])
+
+
+def _store_items(
+    work: list[tuple[str, ItemState | None, list[Forward]]],
+    offsets: list[list[int]],
+    results: list[ItemState],
+    topic: str,
+    puts: dict[bytes, bytes],
+    shard: _Shard,
+    producer: Producer,
+    changelog: str,
+    replica: ItemReplica,
+) -> None:
+    """Take the core's new item states: offset guards, ``puts``, the cache, the changelog and the replica."""
+    if not len(work) == len(offsets) == len(results):
+        raise ValueError("one result per work item")
+    cache = shard.cache
+    limit = shard.cache_entries
+    partition = shard.partition
+    for n in range(len(work)):
+        iid = work[n][0]
+        new = results[n]
+        new.offsets[topic] = offsets[n][-1]
+        ikey = iid.encode()
+        key = STATE_PREFIX + ikey
+        value = serde.encode_item(new)
+        puts[key] = value
+        _cache_put(cache, limit, key, new)
+        _send(producer, changelog, value, ikey, partition)
+        if new.vector is not None:
+            replica.put(iid, new.vector)
 
 
 class _Shard:
@@ -180,14 +487,7 @@ class _Shard:
 
     def remember(self, key: bytes, state: object) -> None:
         """Put ``state`` in the cache as the most recently used entry; evict the oldest tenth when full."""
-        if self.cache_entries <= 0:
-            return
-        cache = self.cache
-        cache.pop(key, None)
-        cache[key] = state
-        if len(cache) > self.cache_entries:
-            for old in list(itertools.islice(cache, len(cache) - self.cache_entries + self.cache_entries // 10)):
-                del cache[old]
+        _cache_put(self.cache, self.cache_entries, key, state)
 
     def next_offset(self, topic: str) -> int | None:
         raw = self.store.get(_off_key(topic, self.partition))
@@ -432,14 +732,7 @@ class StreamWorker:
             return 0
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = self.clock()
-        groups: dict[tuple[str, int], list[Message]] = defaultdict(list)
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
-                continue
-            groups[(cast(str, m.topic()), cast(int, m.partition()))].append(m)
+        groups = _by_partition(msgs)
         fresh_user: list[int] = []
         fresh_item: list[int] = []
         try:
@@ -476,8 +769,7 @@ class StreamWorker:
             if stage == "item":
                 pending.update(self._item_batch(shard, topic, batch, pending, fresh_item))
             else:
-                pending.update(self._user_batch(shard, topic, batch, pending))
-                fresh_user.extend(m.timestamp()[1] for m in batch)
+                pending.update(self._user_batch(shard, topic, batch, pending, fresh_user))
         # forwards, changelogs and DLQ records must be durable before the states commit
         remaining = self._producer.flush(30)
         if remaining:
@@ -495,16 +787,6 @@ class StreamWorker:
         if len(store) > 50000:
             del store[:25000]
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, partition: int = -1, ts_ms: int = 0) -> None:
-        assert self._producer is not None
-        while True:
-            try:
-                # positional: confluent-kafka parses keyword arguments at ~0.6 us a record
-                self._producer.produce(topic, value, key, partition, None, None, ts_ms)
-                return
-            except BufferError:
-                self._producer.poll(0.01)
-
     def _dlq(self, m: Message, reason: str, detail: str) -> None:
         self.stats.dlq += 1
         self.stats.dlq_reasons[reason] += 1
@@ -521,92 +803,50 @@ class StreamWorker:
             except BufferError:
                 self._producer.poll(0.01)
 
-    def _item_partition(self, item_id: str) -> int:
-        p = self._item_part.get(item_id)
-        if p is None:
-            if len(self._item_part) >= _ITEM_PART_MEMO:  # bounded: 1M items would hold ~100 MB
-                self._item_part.clear()
-            p = self._item_part[item_id] = partition_for(item_id, self.settings.partitions)
-        return p
-
     def _fetch(
         self, shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
     ) -> list[_S | None]:
         """Decoded states of ``keys``: the shard's cache, then this batch's not-yet-written values, then the store."""
-        cache = shard.cache
-        out: list[_S | None] = [cache.get(k) for k in keys]
-        missing = [i for i, s in enumerate(out) if s is None]
-        self.stats.state_cache_hits += len(keys) - len(missing)
-        if not missing:
-            return out
-        self.stats.state_cache_misses += len(missing)
-        from_store = [i for i in missing if keys[i] not in pending]
-        for i, raw in zip(from_store, shard.store.multi_get([keys[i] for i in from_store]), strict=True):
-            if raw is not None:
-                out[i] = decode(raw)
-        for i in missing:
-            raw = pending.get(keys[i])
-            if raw is not None:
-                out[i] = decode(raw)
+        out, misses = _fetch_states(shard.cache, shard.store, keys, pending, decode)
+        self.stats.state_cache_hits += len(keys) - misses
+        self.stats.state_cache_misses += misses
         return out
 
     def _user_batch(
-        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes]
+        self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes], fresh_ts: list[int]
     ) -> dict[bytes, bytes]:
+        assert self._producer is not None
+        producer = self._producer
+        stats = self.stats
         src = self._src_id[topic] * 65536 + shard.partition  # one sequence per source partition
-        per_user: dict[str, list[tuple[int, Event]]] = defaultdict(list)
         forwards: list[tuple[int, Forward, int]] = []  # (seq, forward, record ts)
         rec_ts: dict[int, int] = {}
-        raw_at: dict[int, Message] = {}
-        for m in batch:
-            ts_ms = m.timestamp()[1]
-            try:
-                ev = codec.decode(m.value() or b"", ts_ms * 1000 if ts_ms > 0 else None)
-            except InvalidEvent as exc:
-                self._dlq(m, exc.reason, exc.detail)
-                continue
-            off = cast(int, m.offset())
-            rec_ts[off] = ts_ms
-            raw_at[off] = m
-            if ev.type is EventType.ITEM_UPSERT:
-                forwards.append((off * FORWARD_SLOTS, upsert_forward(ev), ts_ms))
-                continue
-            assert ev.user_id is not None
-            per_user[ev.user_id].append((off, ev))
-        self.stats.events += len(batch)
+        rejected: list[tuple[Message, str, str]] = []
+        per_user = _group_user_events(batch, forwards, rec_ts, rejected, fresh_ts)
+        for m, reason, detail in rejected:
+            self._dlq(m, reason, detail)
+        stats.events += len(batch)
         users = list(per_user)
-        states = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending, serde.decode_user)
+        ukeys = [u.encode() for u in users]
+        states = self._fetch(shard, [STATE_PREFIX + k for k in ukeys], pending, serde.decode_user)
+        work, offsets, redelivered = _past_guards(users, states, per_user, topic)
+        stats.redelivered += redelivered
+        results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.user_changelog
-        work: list[tuple[str, UserState | None, list[Event]]] = []
-        offsets: list[list[int]] = []
-        for uid, state in zip(users, states, strict=True):
-            evs = per_user[uid]
-            guard = state.offsets.get(topic, -1) if state is not None else -1
-            fresh = [(o, e) for o, e in evs if o > guard]
-            self.stats.redelivered += len(evs) - len(fresh)
-            if fresh:
-                work.append((uid, state, [e for _, e in fresh]))
-                offsets.append([o for o, _ in fresh])
-        results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
-        for (uid, _, _), offs, (new, out) in zip(work, offsets, results, strict=True):
-            new.offsets[topic] = max(offs)
-            self.stats.duplicates += len(out.duplicates)
-            for i in out.late_src:
-                self._dlq(raw_at[offs[i]], "late_event",
-                          "older than the user's newest event minus the allowed lateness")  # fmt: skip
-            for seq, fw, i in zip(forward_seqs(out, offs), out.forwards, out.forward_src, strict=True):
-                forwards.append((seq, fw, rec_ts[offs[i]]))
-            key = STATE_PREFIX + uid.encode()
-            value = serde.encode_user(new)
-            puts[key] = value
-            shard.remember(key, new)
-            self._produce(changelog, uid.encode(), value, shard.partition)
+        late: list[int] = []
+        stats.duplicates += _store_users(
+            work, offsets, results, topic, rec_ts, forwards, late, puts, shard, producer, changelog
+        )
+        if late:
+            raw_at = {cast(int, m.offset()): m for m in batch}
+            for off in late:
+                self._dlq(raw_at[off], "late_event", "older than the user's newest event minus the allowed lateness")
         self._produce_forwards(src, forwards)
         nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
-        self._produce(changelog, off_key, nxt, shard.partition)
+        _send(producer, changelog, nxt, off_key, shard.partition)
         return puts
 
     def _produce_forwards(self, src: int, forwards: list[tuple[int, Forward, int]]) -> None:
@@ -617,69 +857,39 @@ class StreamWorker:
         """
         if not forwards:
             return
-        forwards.sort(key=_first)
-        part = self._item_partition
-        per_part: dict[int, list[tuple[int, Forward, int]]] = defaultdict(list)
-        for t in forwards:
-            per_part[part(t[1].item_id)].append(t)
-        by_item = self.settings.topics.by_item
-        for p, fws in per_part.items():
-            for i in range(0, len(fws), PACK_FORWARDS):
-                chunk = fws[i : i + PACK_FORWARDS]
-                self._produce(by_item, None, serde.encode_forward_pack(src, chunk), p, chunk[0][2])
+        assert self._producer is not None
+        _send_forward_packs(
+            self._producer, self.settings.topics.by_item, src, forwards, self._item_part, self.settings.partitions
+        )
         self.stats.forwards += len(forwards)
 
     def _item_batch(
         self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes], fresh_ts: list[int]
     ) -> dict[bytes, bytes]:
-        per_item: dict[str, list[tuple[int, Forward]]] = defaultdict(list)
+        assert self._producer is not None
+        producer = self._producer
+        stats = self.stats
         hwm = shard.src_hwm
         touched_src: set[int] = set()
-        for m in batch:
-            src, seqs, pack, stamps = serde.decode_forward_pack(m.value() or b"")
-            self.stats.item_records += len(pack)
-            # seqs increase within a pack and across one source's packs: what a re-send repeats is a prefix
-            start = bisect_right(seqs, hwm.get(src, -1))
-            self.stats.resent_forwards += start
-            if start == len(pack):
-                continue
-            hwm[src] = seqs[-1]
-            touched_src.add(src)
-            off = cast(int, m.offset())
-            for fw in pack[start:] if start else pack:
-                per_item[fw.item_id].append((off, fw))
-            fresh_ts.extend(stamps[start:] if start else stamps)
+        per_item, read, resent = _group_forward_packs(batch, hwm, touched_src, fresh_ts)
+        stats.item_records += read
+        stats.resent_forwards += resent
         items = list(per_item)
         states = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending, serde.decode_item)
+        work, offsets, redelivered = _past_guards(items, states, per_item, topic)
+        stats.redelivered += redelivered
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
-        work: list[tuple[str, ItemState | None, list[Forward]]] = []
-        last: list[int] = []
-        for iid, state in zip(items, states, strict=True):
-            fws = per_item[iid]
-            guard = state.offsets.get(topic, -1) if state is not None else -1
-            fresh = [(o, f) for o, f in fws if o > guard]
-            self.stats.redelivered += len(fws) - len(fresh)
-            if fresh:
-                work.append((iid, state, [f for _, f in fresh]))
-                last.append(fresh[-1][0])
-        for (iid, _, _), off, new in zip(work, last, apply_item_batch(work, self.cfg, in_place=True), strict=True):
-            new.offsets[topic] = off
-            key = STATE_PREFIX + iid.encode()
-            value = serde.encode_item(new)
-            puts[key] = value
-            shard.remember(key, new)
-            self._produce(changelog, iid.encode(), value, shard.partition)
-            if new.vector is not None:
-                self.replica.put(iid, new.vector)
+        results = apply_item_batch(work, self.cfg, in_place=True)
+        _store_items(work, offsets, results, topic, puts, shard, producer, changelog, self.replica)
         for src in touched_src:
             k = META_PREFIX + f"src:{src}".encode()
             puts[k] = str(hwm[src]).encode()
-            self._produce(changelog, k, puts[k], shard.partition)  # restored with the shard
+            _send(producer, changelog, puts[k], k, shard.partition)  # restored with the shard
         nxt = str(cast(int, batch[-1].offset()) + 1).encode()
         off_key = _off_key(topic, shard.partition)
         puts[off_key] = nxt
-        self._produce(changelog, off_key, nxt, shard.partition)
+        _send(producer, changelog, nxt, off_key, shard.partition)
         return puts
 
     # -- stats ---------------------------------------------------------------------------------

@@ -22,5 +22,13 @@ cpdef _bump(dict buckets, object idx, tuple slot)
                b60_us=cython.longlong, b5_per_b60=cython.longlong)
 cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
 
-@cython.locals(src=list, seqs=list)
+@cython.locals(src=list, seqs=list, i=Py_ssize_t)
 cpdef list forward_seqs(Outcome out, object positions)
+
+@cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,
+               pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
+               out=Outcome, j=Py_ssize_t, row=Py_ssize_t, weights=dict, lr_of=dict)
+cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
+
+@cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, scores=list)
+cpdef _item_steps(list news, list steps, object cfg, object ids=*)

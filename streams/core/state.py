@@ -268,8 +268,12 @@ def forward_seqs(out: Outcome, positions: Sequence[int]) -> list[int]:
     user's i-th input event; the forwards of one record get ``position * FORWARD_SLOTS + 0, 1, ...``.
     """
     src = out.forward_src
-    if len(src) == len(positions) and len(set(src)) == len(src):  # one forward per event (src is sorted)
-        return [p * FORWARD_SLOTS for p in positions]
+    if len(src) == len(positions):  # one forward per event when src is 0, 1, 2, ... (no set to build)
+        for i in range(len(src)):
+            if src[i] != i:
+                break
+        else:
+            return [p * FORWARD_SLOTS for p in positions]
     seqs: list[int] = []
     prev, sub = -1, 0
     for i in src:
@@ -481,6 +485,17 @@ def apply_user_batch(
     deep copy per key for callers that discard the old states (the worker decodes them
     fresh from bytes; replay replaces them).
     """
+    return _apply_user_batch(batch, cfg, items, in_place)
+
+
+def _apply_user_batch(
+    batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
+    cfg: CoreConfig,
+    items: ItemVectorSource,
+    in_place: bool,
+) -> list[tuple[UserState, Outcome]]:
+    # the body of apply_user_batch: a function without keyword-only arguments, which state.pxd can
+    # declare (cpdef), so that the compiled build types its lists and indexes
     news: list[UserState] = []
     outs: list[Outcome] = []
     accepted: list[list[Event]] = []
@@ -715,7 +730,7 @@ def _item_steps(
             NS = np.fromiter(_chain(scores), dtype=np.float32, count=k * len(scores)).reshape(len(scores), k)
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
-            k = max(len(fw.neg_scores) for fw in fws) or 1
+            k = max(map(len, scores)) or 1
             NS = np.zeros((len(fws), k), dtype=np.float32)
             mask = np.zeros((len(fws), k), dtype=np.float32)
             for i, fw in enumerate(fws):

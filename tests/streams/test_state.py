@@ -13,11 +13,14 @@ from hypothesis import strategies as st
 from streams.core import serde
 from streams.core.state import (
     B60_US,
+    FORWARD_SLOTS,
     TYPE_INDEX,
     CoreConfig,
     Forward,
+    Outcome,
     apply_item_forwards,
     apply_user_events,
+    forward_seqs,
     hash64,
     item_features,
     user_features,
@@ -272,3 +275,20 @@ def test_recent_is_the_newest_entries_of_all_batches(perm: list[int], cuts: list
     for e in sorted(events, key=lambda e: (e.ts_us, e.event_id)):  # live, in event-time order: the prepend path
         in_order, _ = apply_user_events(in_order, "u1", [e], cfg, items)
     assert in_order is not None and in_order.recent == want
+
+
+@pytest.mark.parametrize(
+    ("src", "want_subs"),
+    [
+        ([0, 1, 2], [(0, 0), (1, 0), (2, 0)]),  # one forward per event
+        ([0, 0, 2], [(0, 0), (0, 1), (2, 0)]),  # a slate of two, a dropped event: as many forwards as events
+        ([0, 0, 1, 1, 1], [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]),
+        ([1, 2], [(1, 0), (2, 0)]),
+        ([], []),
+    ],
+)
+def test_forward_seqs_number_each_records_forwards(src: list[int], want_subs: list[tuple[int, int]]) -> None:
+    out = Outcome()
+    out.forward_src = src
+    positions = [10, 11, 15]
+    assert forward_seqs(out, positions) == [positions[i] * FORWARD_SLOTS + sub for i, sub in want_subs]

@@ -1,0 +1,41 @@
+# C types for the per-record loops of streams/worker.py (an augmenting declaration file: the .py
+# stays the source; Cython reads this when it compiles the module, see setup.py and
+# streams/_compiled.py). Only containers this module builds are typed (exact dict/list/tuple);
+# what the core or the client returns stays a Python object. cpdef: callable from Python, and
+# direct C calls from within the module.
+import cython
+
+cpdef object _lowest(list xs)
+
+cpdef object _highest(list xs)
+
+cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*)
+
+cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
+
+@cython.locals(out=list, missing=list, from_store=list)
+cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
+
+@cython.locals(groups=dict, mine=list)
+cpdef dict _by_partition(object msgs)
+
+@cython.locals(per_user=dict, mine=tuple)
+cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
+
+@cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list)
+cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
+
+@cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t)
+cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
+
+@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, cache=dict, limit=Py_ssize_t)
+cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
+                              list late, dict puts, object shard, object producer, object changelog) except -1
+
+@cython.locals(per_part=dict, mine=list, t=tuple, fws=list, i=Py_ssize_t)
+cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
+                          object partitions)
+
+@cython.locals(n=Py_ssize_t, cache=dict, limit=Py_ssize_t)
+cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
+                   object producer, object changelog, object replica)

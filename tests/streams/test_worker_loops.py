@@ -1,0 +1,164 @@
+"""The worker's per-record loops (module-level functions, typed in streams/worker.pxd) without a broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Message
+
+from streams import worker
+from streams.core import serde
+from streams.core.partition import partition_for
+from streams.core.state import FORWARD_SLOTS, Forward, UserState
+from streams.events import EventType
+
+
+def _msg(offset: int, value: bytes, ts_ms: int = 1_795_341_600_000, topic: str = "events") -> Message:
+    return Message(topic=topic, partition=0, offset=offset, key=None, value=value, timestamp=(1, ts_ms))
+
+
+def _event(i: int, user: str | None, etype: str = "click", item: str = "i1") -> bytes:
+    ev: dict[str, Any] = {"event_id": f"e{i}", "type": etype, "item_id": item,
+                          "event_time": "2026-11-22T10:00:00.250Z", "schema_version": 1}  # fmt: skip
+    if user is not None:
+        ev["user_id"] = user
+    return orjson.dumps(ev)
+
+
+class _Producer:
+    """Records produce calls; the first ``full`` calls raise BufferError (a full queue)."""
+
+    def __init__(self, full: int = 0) -> None:
+        self.records: list[tuple[Any, ...]] = []
+        self.full = full
+        self.polls = 0
+
+    def produce(self, *args: Any) -> None:
+        if self.full:
+            self.full -= 1
+            raise BufferError
+        self.records.append(args)
+
+    def poll(self, timeout: float) -> int:
+        self.polls += 1
+        return 0
+
+
+def test_send_polls_while_the_queue_is_full() -> None:
+    p = _Producer(full=2)
+    worker._send(p, "t", b"v", b"k", 3, 7)  # type: ignore[arg-type]
+    assert p.records == [("t", b"v", b"k", 3, None, None, 7)] and p.polls == 2
+
+
+def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
+    cache: dict[bytes, Any] = {}
+    for i in range(20):
+        worker._cache_put(cache, 20, str(i).encode(), i)
+    worker._cache_put(cache, 20, b"0", "again")  # now the most recent
+    worker._cache_put(cache, 20, b"new", "x")  # 21 > 20: drop 1 + 2 oldest
+    assert list(cache)[-2:] == [b"0", b"new"] and cache[b"0"] == "again"
+    assert len(cache) == 18 and b"1" not in cache and b"3" not in cache and b"4" in cache
+    worker._cache_put(cache, 0, b"off", 1)
+    assert b"off" not in cache
+
+
+class _Store:
+    def __init__(self, data: dict[bytes, bytes]) -> None:
+        self.data = data
+        self.asked: list[bytes] = []
+
+    def multi_get(self, keys: list[bytes]) -> list[bytes | None]:
+        self.asked.extend(keys)
+        return [self.data.get(k) for k in keys]
+
+
+def test_fetch_states_reads_the_cache_then_the_pending_values_then_the_store() -> None:
+    store = _Store({b"a": b"A", b"b": b"B-old"})
+    fetch: Any = worker._fetch_states  # (a fake store, str "states")
+    out, misses = fetch({b"c": "cached"}, store, [b"a", b"b", b"c", b"d"], {b"b": b"B"}, bytes.decode)
+    assert out == ["A", "B", "cached", None] and misses == 3
+    assert store.asked == [b"a", b"d"]  # never the store for a key with a pending value
+
+
+def test_group_user_events_groups_by_user_and_sets_aside_bad_records_and_upserts() -> None:
+    batch = [_msg(10, _event(1, "u1")), _msg(11, b"{not json"), _msg(12, _event(2, "u2")),
+             _msg(13, _event(3, None, "item_upsert", "i7")), _msg(14, _event(4, "u1"), ts_ms=0)]  # fmt: skip
+    forwards: list[tuple[int, Forward, int]] = []
+    rec_ts: dict[int, int] = {}
+    rejected: list[tuple[Message, str, str]] = []
+    stamps: list[int] = []
+    per_user = worker._group_user_events(batch, forwards, rec_ts, rejected, stamps)
+    assert list(per_user) == ["u1", "u2"]
+    assert per_user["u1"][0] == [10, 14] and [e.event_id for e in per_user["u1"][1]] == ["e1", "e4"]
+    assert [(m.offset(), reason) for m, reason, _ in rejected] == [(11, "bad_json")]
+    assert [(seq, fw.item_id, ts) for seq, fw, ts in forwards] == [(13 * FORWARD_SLOTS, "i7", 1_795_341_600_000)]
+    assert rec_ts == {10: 1_795_341_600_000, 12: 1_795_341_600_000, 13: 1_795_341_600_000, 14: 0}
+    assert stamps == [1_795_341_600_000] * 4 + [0]
+
+
+def test_past_guards_drops_what_the_states_already_include() -> None:
+    ev = [f"x{i}" for i in range(5)]
+    seen = UserState(offsets={"events": 11})
+    other_topic = UserState(offsets={"impressions": 99})
+    inputs = {"a": ([10, 11, 12], ev[:3]), "b": ([5], ev[3:4]), "c": ([7, 8], ev[:2]), "d": ([3], ev[4:])}
+    work, offsets, dropped = worker._past_guards(  # type: ignore[type-var]
+        ["a", "b", "c", "d"], [seen, UserState(offsets={"events": 5}), None, other_topic], inputs, "events"
+    )
+    assert [(k, xs) for k, _, xs in work] == [("a", ["x2"]), ("c", ["x0", "x1"]), ("d", ["x4"])]
+    assert offsets == [[12], [7, 8], [3]] and dropped == 3
+    with pytest.raises(ValueError):
+        worker._past_guards(["a"], [], inputs, "events")  # type: ignore[type-var]
+
+
+def _fw(item: str, i: int) -> Forward:
+    return Forward(item, f"e{i}", EventType.CLICK, 1_000 + i, "u1")
+
+
+def test_send_forward_packs_packs_per_item_partition_in_seq_order() -> None:
+    forwards = [(5, _fw("i1", 5), 50), (1, _fw("i2", 1), 10), (3, _fw("i1", 3), 30)]
+    p = _Producer()
+    memo: dict[str, int] = {}
+    worker._send_forward_packs(p, "by-item", 9, forwards, memo, 4)  # type: ignore[arg-type]
+    assert memo == {"i2": partition_for("i2", 4), "i1": partition_for("i1", 4)}
+    got: dict[int, list[tuple[int, str]]] = {}
+    for topic, value, key, part, _h, _x, ts in p.records:
+        src, seqs, pack, stamps = serde.decode_forward_pack(value)
+        assert (topic, key, src) == ("by-item", None, 9) and ts == stamps[0]
+        got[part] = got.get(part, []) + list(zip(seqs, [f.item_id for f in pack], strict=True))
+    assert sorted(s for pairs in got.values() for s, _ in pairs) == [1, 3, 5]
+    for part, pairs in got.items():
+        assert all(partition_for(iid, 4) == part for _, iid in pairs) and pairs == sorted(pairs)
+
+
+def test_group_forward_packs_skips_what_a_resend_repeats() -> None:
+    pack1 = serde.encode_forward_pack(7, [(1, _fw("i1", 1), 10), (2, _fw("i2", 2), 20)])
+    pack2 = serde.encode_forward_pack(7, [(2, _fw("i2", 2), 20), (3, _fw("i1", 3), 30)])  # re-sends seq 2
+    hwm: dict[int, int] = {}
+    touched: set[int] = set()
+    stamps: list[int] = []
+    per_item, read, resent = worker._group_forward_packs([_msg(0, pack1), _msg(1, pack2)], hwm, touched, stamps)
+    assert (read, resent, hwm, touched, stamps) == (4, 1, {7: 3}, {7}, [10, 20, 30])
+    assert per_item["i1"][0] == [0, 1] and [f.event_id for f in per_item["i1"][1]] == ["e1", "e3"]
+    assert per_item["i2"][0] == [0]
+    again, read, resent = worker._group_forward_packs([_msg(2, pack2)], hwm, set(), [])
+    assert (again, read, resent) == ({}, 2, 2)
+
+
+def test_by_partition_keeps_each_partitions_records_in_order_and_skips_errors() -> None:
+    from confluent_kafka import KafkaError
+
+    def m(topic: str, part: int, off: int) -> Message:
+        return Message(topic=topic, partition=part, offset=off, value=b"")
+
+    eof = Message(topic="a", partition=0, error=KafkaError(KafkaError._PARTITION_EOF))
+    groups = worker._by_partition([m("a", 0, 1), m("b", 0, 7), eof, m("a", 1, 3), m("a", 0, 2)])
+    assert {k: [x.offset() for x in v] for k, v in groups.items()} == {("a", 0): [1, 2], ("b", 0): [7], ("a", 1): [3]}
+
+
+def test_lowest_and_highest_are_min_and_max() -> None:
+    for xs in ([3], [5, 2, 9, 2], [10, 11, 12], [2**70, -1, 0]):
+        assert (worker._lowest(xs), worker._highest(xs)) == (min(xs), max(xs))
+    with pytest.raises(IndexError):
+        worker._lowest([])
