@@ -34,6 +34,7 @@ COMPILED: tuple[str, ...] = (
     "streams.core.state",
     "streams.core.serde",
     "streams.core.vectors",
+    "streams.core.partition",
     "streams.worker",
     "replay.replayer",
     "replay._apply",
