@@ -104,6 +104,11 @@ class EmbeddedBroker:
                 self._proc.wait()
         self._proc = None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks read its CPU time from /proc)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 

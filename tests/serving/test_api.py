@@ -186,7 +186,10 @@ def test_degraded_mode_keeps_answering_from_the_last_state_when_the_broker_dies(
         _publish_items(api.settings, {"a": (10, True, "x"), "b": (5, True, "x")})
         _wait_items(api, 2)
         _wait_ready(api)
+        pid = broker.pid
+        assert pid is not None and Path(f"/proc/{pid}").exists()
         broker.stop()
+        assert broker.pid is None
         deadline = time.monotonic() + 30
         with api.client() as c:
             while True:
