@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     #: changelog topics, and the embedded broker's cost per request grows with the batches it holds
     #: (docs/ARCHITECTURE.md, "Tansu quirks"); 0 turns it off.
     min_batch_interval_s: float = Field(0.05, ge=0, le=5)
+    #: after a batch of fewer than ``batch_size // 2`` records, the worker waits up to this long for
+    #: the forwards that batch sent to its own item partitions and applies them in the same step, so
+    #: a click reaches the item store one fetch (~5 ms) after the user store instead of one batch
+    #: interval later. Under load (full batches) they wait for the next batch; 0 turns it off.
+    forward_wait_s: float = Field(0.05, ge=0, le=5)
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
     #: decoded user/item states kept in memory per worker process, write-through (0 disables it);

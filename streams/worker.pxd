@@ -9,7 +9,8 @@ cpdef object _lowest(list xs)
 
 cpdef object _highest(list xs)
 
-cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*)
+cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*,
+            object on_delivery=*)
 
 cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
 
@@ -34,7 +35,7 @@ cpdef Py_ssize_t _store_users(list work, list offsets, object results, object to
 
 @cython.locals(per_part=dict, mine=list, t=tuple, fws=list, i=Py_ssize_t)
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
-                          object partitions)
+                          object partitions, object on_delivery=*)
 
 @cython.locals(n=Py_ssize_t, cache=dict, limit=Py_ssize_t)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,

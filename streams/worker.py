@@ -190,12 +190,20 @@ def _highest(xs: list[int]) -> int:
     return high
 
 
-def _send(producer: Producer, topic: str, value: bytes, key: bytes | None, partition: int, ts_ms: int = 0) -> None:
+def _send(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: bytes | None,
+    partition: int,
+    ts_ms: int = 0,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+) -> None:
     """Produce one record, polling while the client's queue is full."""
     while True:
         try:
             # positional: confluent-kafka parses keyword arguments at ~0.6 us a record
-            producer.produce(topic, value, key, partition, None, None, ts_ms)
+            producer.produce(topic, value, key, partition, on_delivery, None, ts_ms)
             return
         except BufferError:
             producer.poll(0.01)
@@ -410,10 +418,12 @@ def _send_forward_packs(
     forwards: list[tuple[int, Forward, int]],
     part_memo: dict[str, int],
     partitions: int,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
 ) -> None:
     """Produce ``forwards`` as packs per item partition: in seq order, ``PACK_FORWARDS`` at most each.
 
-    ``part_memo`` remembers item ids' partitions (cleared when it holds ``_ITEM_PART_MEMO``).
+    ``part_memo`` remembers item ids' partitions (cleared when it holds ``_ITEM_PART_MEMO``);
+    ``on_delivery`` is each pack's delivery callback.
     """
     forwards.sort(key=_first)
     per_part: dict[int, list[tuple[int, Forward, int]]] = {}
@@ -432,7 +442,7 @@ def _send_forward_packs(
     for p, fws in per_part.items():
         for i in range(0, len(fws), PACK_FORWARDS):
             chunk = fws[i : i + PACK_FORWARDS]
-            _send(producer, topic, serde.encode_forward_pack(src, chunk), None, p, chunk[0][2])
+            _send(producer, topic, serde.encode_forward_pack(src, chunk), None, p, chunk[0][2], on_delivery)
 
 
 def _store_items(
@@ -578,6 +588,14 @@ class StreamWorker:
         self._last_stats = 0.0
         #: monotonic time before which the next batch does not start (see ``Settings.min_batch_interval_s``)
         self._next_batch_at = 0.0
+        #: input records consumed while waiting for forwards (``_apply_own_forwards``): the next batch's head
+        self._carry: list[Message] = []
+        #: by-item partition -> offset of the last forward pack this batch sent there (delivery reports)
+        self._pack_offsets: dict[int, int] = {}
+        #: the by-item partitions this worker's item stage owns
+        self._own_items: set[int] = set()
+        #: bumped on every assignment and revocation: records consumed before one are not applied after it
+        self._generation = 0
         self.assigned = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -683,6 +701,10 @@ class StreamWorker:
                 nxt = self._shard(stage, tp.partition).next_offset(tp.topic)
                 tp.offset = OFFSET_BEGINNING if nxt is None else nxt
             consumer.assign(partitions)
+            self._generation += 1
+            self._carry = []
+            by_item = self.settings.topics.by_item
+            self._own_items = {tp.partition for tp in partitions if tp.topic == by_item}
             log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
             self.assigned.set()
         except BaseException as exc:  # surface errors from the librdkafka callback thread
@@ -697,6 +719,9 @@ class StreamWorker:
             if shard is not None:
                 shard.store.close()
         consumer.unassign()
+        self._generation += 1
+        self._carry = []  # read again from the stored offsets by whoever owns them next
+        self._own_items = set()
         self.assigned.clear()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -724,6 +749,9 @@ class StreamWorker:
         self._tail_replica()
         started = time.monotonic()
         msgs = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout_s)
+        if self._carry:
+            msgs = self._carry + msgs
+            self._carry = []
         small = len(msgs) < self.settings.batch_size // 2
         self._next_batch_at = started + self.settings.min_batch_interval_s if msgs and small else 0.0
         if not msgs:
@@ -735,8 +763,12 @@ class StreamWorker:
         groups = _by_partition(msgs)
         fresh_user: list[int] = []
         fresh_item: list[int] = []
+        self._pack_offsets = {}
         try:
             self._apply_and_commit(groups, fresh_user, fresh_item)
+            wait = self.settings.forward_wait_s
+            if small and wait > 0:
+                self._apply_own_forwards(wait, fresh_item)
         except BaseException:
             # cached states are mutated in place before the commit: never keep them past a failure
             for shard in self._shards.values():
@@ -777,6 +809,46 @@ class StreamWorker:
         sync = self.settings.sync_writes
         for shard, puts in writes.values():
             shard.store.write(puts, sync=sync)
+
+    def _on_pack_delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            p, off = cast(int, msg.partition()), cast(int, msg.offset())
+            if off > self._pack_offsets.get(p, -1):
+                self._pack_offsets[p] = off
+
+    def _apply_own_forwards(self, wait_s: float, fresh_item: list[int]) -> None:
+        """Read back the forward packs the batch just sent to this worker's item partitions, and apply them.
+
+        Up to ``wait_s``: the records read that are not those forwards (new input, other workers'
+        forwards) are applied too if they are forwards, else kept as the next batch's head. A
+        rebalance while waiting drops everything read (the new owner reads it from the stored offsets).
+        """
+        assert self._consumer is not None
+        want = {p: off for p, off in self._pack_offsets.items() if p in self._own_items}
+        if not want:
+            return
+        by_item = self.settings.topics.by_item
+        generation = self._generation
+        deadline = time.monotonic() + wait_s
+        forwards: list[Message] = []
+        carry: list[Message] = []
+        while want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for m in self._consumer.consume(self.settings.batch_size, min(left, self.settings.poll_timeout_s)):
+                if m.topic() != by_item or m.error() is not None:
+                    carry.append(m)  # errors too: the next batch logs them (``_by_partition``)
+                    continue
+                forwards.append(m)
+                p = cast(int, m.partition())
+                if cast(int, m.offset()) >= want.get(p, 1 << 62):
+                    del want[p]
+        if self._generation != generation:
+            return
+        self._carry = carry
+        if forwards:
+            self._apply_and_commit(_by_partition(forwards), [], fresh_item)
 
     @staticmethod
     def _sample(store: list[float], ts_ms: list[int], now_ms: float) -> None:
@@ -859,8 +931,9 @@ class StreamWorker:
             return
         assert self._producer is not None
         _send_forward_packs(
-            self._producer, self.settings.topics.by_item, src, forwards, self._item_part, self.settings.partitions
-        )
+            self._producer, self.settings.topics.by_item, src, forwards, self._item_part, self.settings.partitions,
+            self._on_pack_delivered,
+        )  # fmt: skip
         self.stats.forwards += len(forwards)
 
     def _item_batch(

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Callable
 from typing import cast
 
 import orjson
@@ -369,7 +370,8 @@ class _RecordsConsumes:
 
 def test_after_a_small_batch_the_next_waits_for_the_batch_interval(live_settings: Settings) -> None:
     interval = 0.2
-    s = live_settings.model_copy(update={"min_batch_interval_s": interval, "batch_size": 10})
+    # forward_wait_s=0: only the batches' own consumes (the wait for forwards is tested below)
+    s = live_settings.model_copy(update={"min_batch_interval_s": interval, "batch_size": 10, "forward_wait_s": 0})
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
     worker = StreamWorker(s)
@@ -399,3 +401,69 @@ def test_after_a_small_batch_the_next_waits_for_the_batch_interval(live_settings
     assert min(after_small) >= interval - 0.005, after_small
     assert min(after_full) < interval, after_full
     assert _user_counts(s) == Counter({f"u{u}": n for u, n in Counter(i % 5 for i in range(112)).items()})
+
+
+class _InjectsDuringForwardWait(_RecordsConsumes):
+    """Records consumes; the first consume after one that returned records (the wait for the batch's own
+    forwards) first produces ``inject`` clicks and lets them reach the client, so that the wait reads them too."""
+
+    def __init__(self, real: object, inject: Callable[[], None]) -> None:
+        super().__init__(real)
+        self._inject: Callable[[], None] | None = inject
+        self.while_waiting: list[Message] = []
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        injecting = self._inject is not None and bool(self.calls) and self.calls[-1][1] > 0
+        if injecting:
+            assert self._inject is not None
+            self._inject()
+            self._inject = None
+            time.sleep(0.5)  # the client fetches them (and the forwards) meanwhile
+        msgs = super().consume(num_messages, timeout)
+        if injecting:
+            self.while_waiting = msgs
+        return msgs
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 2.0], ids=["forwards-next-batch", "forwards-same-batch"])
+def test_a_small_batch_applies_its_own_forwards_and_keeps_the_input_read_meanwhile(
+    live_settings: Settings, wait_s: float
+) -> None:
+    s = live_settings.model_copy(update={"forward_wait_s": wait_s, "min_batch_interval_s": 0})
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not worker.assigned.is_set():
+            assert time.monotonic() < deadline
+            worker.step()
+        spy = _InjectsDuringForwardWait(
+            worker._consumer, lambda: _produce_clicks(producer, s, range(1, 4), users=3, items=2)
+        )
+        worker._consumer = spy  # type: ignore[assignment]
+        _produce_clicks(producer, s, range(1), users=3, items=2)  # e0: u0 clicks i0
+        while worker.stats.events < 1:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        if wait_s:
+            # the click's forward reached the item store in the step that applied it ...
+            assert worker.stats.events == 1 and worker.stats.item_records == 1
+            assert _item_counts(s) == Counter({"i0": 1})
+            # ... and the clicks read while waiting for it wait, unapplied, for the next batch
+            assert sorted(m.value() for m in spy.while_waiting if m.topic() == s.topics.events) == sorted(
+                _event(i, f"u{i % 3}", f"i{i % 2}") for i in range(1, 4)
+            )
+            assert sorted(m.value() for m in worker._carry) == sorted(_event(i, f"u{i % 3}", f"i{i % 2}")
+                                                                      for i in range(1, 4))  # fmt: skip
+        else:
+            assert worker.stats.item_records == 0  # the forward waits for the next batch
+        while worker.stats.events < 4 or worker.stats.item_records < 4:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+    finally:
+        worker.close()
+    assert worker.stats.events == 4 and worker.stats.item_records == 4 and worker.stats.duplicates == 0
+    assert _user_counts(s) == Counter({"u0": 2, "u1": 1, "u2": 1})  # e0, e3 / e1 / e2
+    assert _item_counts(s) == Counter({"i0": 2, "i1": 2})
