@@ -293,6 +293,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--fresh-seconds", type=float, default=10.0)
+    ap.add_argument("--fresh-rate", type=float, default=0.0,
+                    help="events/s of the freshness phase (default: half the measured rate); fix it to compare "
+                         "settings or builds, whose measured rates differ")  # fmt: skip
     ap.add_argument("--impression-cpu", action="store_true", help="measure the CPU per impression instead")
     ap.add_argument("--rate", type=float, default=300.0, help="impressions/s (--impression-cpu)")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window (--impression-cpu)")
@@ -332,7 +335,7 @@ def main() -> None:
         print(f"worker: {rate:,.0f} events/s ({s})", flush=True)
 
         # 4. freshness at about half the sustained rate
-        target = max(1000.0, rate / 2)
+        target = args.fresh_rate or max(1000.0, rate / 2)
         n_fresh = int(target * args.fresh_seconds)
         fresh = list(synthetic_events(n_fresh, args.users, args.items, seed=2,
                                       start_us=int(time.time() * 1_000_000), step_us=int(1e6 / target)))  # fmt: skip
@@ -349,7 +352,9 @@ def main() -> None:
         f50, f99 = s["item_fresh_p50_ms"], s["item_fresh_p99_ms"]
         u50, u99 = s["user_fresh_p50_ms"], s["user_fresh_p99_ms"]
         print(f"freshness at {target:,.0f} events/s: p50 {f50:.1f} ms p99 {f99:.1f} ms "
-              f"(user stage p50 {u50:.1f} p99 {u99:.1f})", flush=True)  # fmt: skip
+              f"(user stage p50 {u50:.1f} p99 {u99:.1f}; batches {s['batches']}, waits for own forwards "
+              f"{s['forward_waits']}: {s['forward_wait_total_s']} s, {s['forward_wait_timeouts']} at the limit)",
+              flush=True)  # fmt: skip
 
         # 5. SIGKILL mid-stream, restart, check nothing lost or doubled
         crash = list(synthetic_events(args.crash_events, args.users, args.items, seed=3,
@@ -371,7 +376,7 @@ def main() -> None:
         while time.monotonic() < deadline:
             time.sleep(1.0)
             st = worker.stats()
-            if st and int(st.get("batches", 0)) > 0 and st.get("idle_s", 0) and float(st["idle_s"]) > 1.0:  # type: ignore[arg-type]
+            if st and int(st.get("batches", 0)) > 0 and st.get("idle_s", 0) and float(st["idle_s"]) > 1.0:  # type: ignore[arg-type,call-overload]
                 break
         worker.stop()
         users, items = read_store_counts(settings)

@@ -95,6 +95,11 @@ class WorkerStats:
     item_records: int = 0
     state_cache_hits: int = 0
     state_cache_misses: int = 0
+    #: waits for a batch's own forwards (``Settings.forward_wait_s``), their total seconds, and how
+    #: many ended at the limit without them
+    forward_waits: int = 0
+    forward_wait_total_s: float = 0.0
+    forward_wait_timeouts: int = 0
     first_batch_at: float | None = None
     last_batch_at: float | None = None
     user_fresh_ms: list[float] = field(default_factory=list)
@@ -139,6 +144,9 @@ class WorkerStats:
             "restored_records": self.restored_records,
             "state_cache_hits": self.state_cache_hits,
             "state_cache_misses": self.state_cache_misses,
+            "forward_waits": self.forward_waits,
+            "forward_wait_total_s": round(self.forward_wait_total_s, 3),
+            "forward_wait_timeouts": self.forward_wait_timeouts,
             "build": _compiled.build(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "item_records": self.item_records,
@@ -829,7 +837,8 @@ class StreamWorker:
             return
         by_item = self.settings.topics.by_item
         generation = self._generation
-        deadline = time.monotonic() + wait_s
+        began = time.monotonic()
+        deadline = began + wait_s
         forwards: list[Message] = []
         carry: list[Message] = []
         while want:
@@ -844,6 +853,12 @@ class StreamWorker:
                 p = cast(int, m.partition())
                 if cast(int, m.offset()) >= want.get(p, 1 << 62):
                     del want[p]
+        stats = self.stats
+        stats.forward_waits += 1
+        stats.forward_wait_total_s += time.monotonic() - began
+        if want:
+            stats.forward_wait_timeouts += 1
+            log.debug("forward packs not read back within %.3f s: %s", wait_s, want)
         if self._generation != generation:
             return
         self._carry = carry

@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import orjson
