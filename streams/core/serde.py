@@ -53,6 +53,7 @@ _SLOT_BITS = FORWARD_SLOTS.bit_length() - 1  # seq >> _SLOT_BITS is the source p
 _F4 = np.dtype("<f4")
 _F8 = np.dtype("<f8")
 _frombuffer = np.frombuffer
+_dumps = orjson.dumps  # a module global: no attribute lookup on orjson per state
 if 1 << _SLOT_BITS != FORWARD_SLOTS:
     raise ImportError("FORWARD_SLOTS must be a power of two for the forward pack")
 
@@ -68,10 +69,10 @@ def _floats(xs: Any) -> Any:
 
 def _pack(vector: Vec | None, body: Any) -> bytes:
     if vector is None:
-        return _HEAD.pack(FORMAT, 0) + orjson.dumps(body)
+        return _HEAD.pack(FORMAT, 0) + _dumps(body)
     if vector.dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
         vector = vector.astype(_F4)
-    return _HEAD.pack(FORMAT, len(vector)) + vector.tobytes() + orjson.dumps(body)
+    return _HEAD.pack(FORMAT, len(vector)) + vector.tobytes() + _dumps(body)
 
 
 def _unpack(data: bytes) -> tuple[Vec | None, Any]:
@@ -131,7 +132,7 @@ def decode_user(data: bytes) -> UserState:
 
 
 def _buckets_out(buckets: dict[int, list[int]]) -> list[list[int]]:
-    return [[k, *v] for k, v in sorted(buckets.items())]
+    return [[k, *buckets[k]] for k in sorted(buckets)]  # sorting the keys: no (key, value) tuple per bucket
 
 
 def _buckets_in(rows: list[list[int]]) -> dict[int, list[int]]:
@@ -237,7 +238,8 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     vecs: list[Vec] = (
         list(_frombuffer(data, _F4, dim * rows, _PACK_HEAD.size).reshape(rows, dim).copy()) if rows else []
     )
-    flat: list[float] = _frombuffer(data, _F8, n_scores, at).tolist() if n_scores else []
+    # a tuple: its slices are each forward's neg_scores (no list per forward)
+    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
     src, groups = orjson.loads(memoryview(data)[at + 8 * n_scores :])
     seqs: list[int] = []
     forwards: list[Forward] = []
@@ -256,7 +258,7 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
                 fw = (e[1], event_id, etype, ts_us, user_id, None, (), True, None, None)
             elif n == 3:
                 k = e[2]
-                fw = (e[1], event_id, etype, ts_us, user_id, vecs[row], tuple(flat[si : si + k]), True, None, None)
+                fw = (e[1], event_id, etype, ts_us, user_id, vecs[row], flat[si : si + k], True, None, None)
                 row += 1
                 si += k
             else:
@@ -265,7 +267,7 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
                 if e[3]:
                     vec = vecs[row]
                     row += 1
-                fw = (e[1], event_id, etype, ts_us, user_id, vec, tuple(flat[si : si + k]), e[4], e[5],
+                fw = (e[1], event_id, etype, ts_us, user_id, vec, flat[si : si + k], e[4], e[5],
                       None if e[6] is None else tuple(e[6]))  # fmt: skip
                 si += k
             seqs.append(base + e[0])

@@ -13,13 +13,17 @@ cdef class Outcome:
 cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
 
 @cython.locals(counts=list)
-cpdef _bump(dict buckets, object idx, tuple slot)
+cpdef _bump(dict buckets, object idx, Py_ssize_t impressions, Py_ssize_t clicks, Py_ssize_t positives)
+
+@cython.locals(idx=cython.longlong)
+cpdef bint _any_below(dict buckets, long long lo) except -1
 
 # event times in microseconds and their bucket indexes: int64 (event times are datetimes, years 1-9999)
-@cython.locals(counts=list, type_index=dict, events=list, mine=list, b5=dict, b60=dict, slots=dict,
+@cython.locals(counts=list, type_index=dict, runs=list, mine=list, b5=dict, b60=dict,
                ts=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong, i5=cython.longlong,
-               lo5=cython.longlong, lo60=cython.longlong, lo60_us=cython.longlong, b5_us=cython.longlong,
-               b60_us=cython.longlong, b5_per_b60=cython.longlong)
+               run5=cython.longlong, i60=cython.longlong, lo5=cython.longlong, lo60=cython.longlong,
+               b5_us=cython.longlong, b60_us=cython.longlong, b5_per_b60=cython.longlong,
+               n_events=Py_ssize_t, ti=Py_ssize_t, imp=Py_ssize_t, clk=Py_ssize_t, pos=Py_ssize_t)
 cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
 
 @cython.locals(src=list, seqs=list, i=Py_ssize_t)

@@ -105,6 +105,20 @@ def test_hour_buckets_older_than_the_window_are_dropped_in_any_order() -> None:
     assert sorted(a.b60) == [(T0 + 60 * H) // B60_US]
 
 
+def test_item_buckets_by_hand_with_runs_of_one_bucket_interleaved() -> None:
+    m = 60_000_000  # one minute in microseconds
+    up = Forward("i1", "u-1", EventType.ITEM_UPSERT, T0 + 4 * m, category="c")
+    forwards = [fw(1, EventType.IMPRESSION, 1 * m), fw(2, EventType.CLICK, 2 * m), fw(3, EventType.VIEW, 7 * m),
+                fw(4, EventType.IMPRESSION, 3 * m), up, fw(6, EventType.PURCHASE, 61 * m),
+                fw(7, EventType.CLICK, 8 * m)]  # fmt: skip
+    s = apply_item_forwards(None, "i1", forwards, CFG)
+    # T0 is hour 1000, 5-minute bucket 12000; [impressions, clicks, positives], in first-arrival order
+    assert list(s.b5.items()) == [(12000, [2, 1, 1]), (12001, [0, 1, 2]), (12012, [0, 0, 1])]
+    assert list(s.b60.items()) == [(1000, [2, 2, 3]), (1001, [0, 0, 1])]
+    assert s.counts == [1, 2, 0, 1, 2, 1]  # view, click, add_to_cart, purchase, impression, item_upsert
+    assert (s.version, s.max_ts, s.category) == (7, T0 + 61 * m, "c")
+
+
 def test_item_upsert_newest_wins_whatever_the_arrival_order() -> None:
     up1 = Forward("i1", "u-1", EventType.ITEM_UPSERT, T0 + 1, eligible=True, category="old")
     up2 = Forward("i1", "u-2", EventType.ITEM_UPSERT, T0 + 2, eligible=False, category="new")
