@@ -829,14 +829,15 @@ class StreamWorker:
 
         Up to ``wait_s``: the records read that are not those forwards (new input, other workers'
         forwards) are applied too if they are forwards, else kept as the next batch's head. A
-        rebalance while waiting drops everything read (the new owner reads it from the stored offsets).
+        rebalance while waiting (its callbacks run inside ``consume``) drops what was read before it:
+        the assignment seeks to the stored offsets, so it is read again. What the same ``consume``
+        returns after the callbacks comes from the new assignment and is kept, and the wait ends.
         """
         assert self._consumer is not None
         want = {p: off for p, off in self._pack_offsets.items() if p in self._own_items}
         if not want:
             return
         by_item = self.settings.topics.by_item
-        generation = self._generation
         began = time.monotonic()
         deadline = began + wait_s
         forwards: list[Message] = []
@@ -845,7 +846,11 @@ class StreamWorker:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for m in self._consumer.consume(self.settings.batch_size, min(left, self.settings.poll_timeout_s)):
+            generation = self._generation
+            msgs = self._consumer.consume(self.settings.batch_size, min(left, self.settings.poll_timeout_s))
+            if self._generation != generation:
+                forwards, carry, want = [], [], {}
+            for m in msgs:
                 if m.topic() != by_item or m.error() is not None:
                     carry.append(m)  # errors too: the next batch logs them (``_by_partition``)
                     continue
@@ -859,8 +864,6 @@ class StreamWorker:
         if want:
             stats.forward_wait_timeouts += 1
             log.debug("forward packs not read back within %.3f s: %s", wait_s, want)
-        if self._generation != generation:
-            return
         self._carry = carry
         if forwards:
             self._apply_and_commit(_by_partition(forwards), [], fresh_item)

@@ -467,3 +467,41 @@ def test_a_small_batch_applies_its_own_forwards_and_keeps_the_input_read_meanwhi
     assert worker.stats.events == 4 and worker.stats.item_records == 4 and worker.stats.duplicates == 0
     assert _user_counts(s) == Counter({"u0": 2, "u1": 1, "u2": 1})  # e0, e3 / e1 / e2
     assert _item_counts(s) == Counter({"i0": 2, "i1": 2})
+
+
+def test_a_rebalance_while_waiting_for_forwards_loses_nothing(live_settings: Settings) -> None:
+    s = live_settings.model_copy(update={"forward_wait_s": 2.0, "min_batch_interval_s": 0})
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not worker.assigned.is_set():
+            assert time.monotonic() < deadline
+            worker.step()
+        real = worker._consumer
+        assert real is not None
+
+        def clicks_then_rebalance() -> None:
+            # as an eager rebalance inside ``consume``: everything revoked, then assigned again at the stored
+            # offsets; what that same ``consume`` returns comes from the new assignment
+            _produce_clicks(producer, s, range(1, 4), users=3, items=2)
+            tps = real.assignment()
+            worker._on_revoke(real, tps)
+            worker._on_assign(real, [TopicPartition(tp.topic, tp.partition) for tp in tps])
+
+        spy = _InjectsDuringForwardWait(real, clicks_then_rebalance)
+        worker._consumer = spy  # type: ignore[assignment]
+        generation = worker._generation
+        _produce_clicks(producer, s, range(1), users=3, items=2)
+        while worker.stats.events < 4 or worker.stats.item_records < 4:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        assert worker._generation == generation + 2  # the rebalance happened, in the wait
+        assert spy.while_waiting  # and that consume returned records of the new assignment
+    finally:
+        worker.close()
+    assert worker.stats.events == 4 and worker.stats.item_records == 4 and worker.stats.duplicates == 0
+    assert _user_counts(s) == Counter({"u0": 2, "u1": 1, "u2": 1})
+    assert _item_counts(s) == Counter({"i0": 2, "i1": 2})
