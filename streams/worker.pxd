@@ -14,6 +14,9 @@ cpdef _send(object producer, object topic, object value, object key, object part
 
 cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
 
+cpdef _put_state(object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
+                 object producer, object changelog, object partition)
+
 @cython.locals(out=list, missing=list, from_store=list)
 cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
 

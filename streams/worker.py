@@ -228,6 +228,24 @@ def _cache_put(cache: dict[bytes, Any], limit: int, key: bytes, state: object) -
             del cache[old]
 
 
+def _put_state(
+    raw_key: bytes,
+    state: object,
+    value: bytes,
+    puts: dict[bytes, bytes],
+    cache: dict[bytes, Any],
+    limit: int,
+    producer: Producer,
+    changelog: str,
+    partition: int,
+) -> None:
+    """A new state's encoded ``value``: into the batch's ``puts`` and the changelog, and ``state`` into the cache."""
+    key = STATE_PREFIX + raw_key
+    puts[key] = value
+    _cache_put(cache, limit, key, state)
+    _send(producer, changelog, value, raw_key, partition)
+
+
 def _fetch_states(
     cache: dict[bytes, Any], store: Store, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
 ) -> tuple[list[_S | None], int]:
@@ -410,12 +428,7 @@ def _store_users(
             raise ValueError("one sequence number and source per forward")
         for j in range(len(fws)):
             forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
-        ukey = uid.encode()
-        key = STATE_PREFIX + ukey
-        value = serde.encode_user(new)
-        puts[key] = value
-        _cache_put(cache, limit, key, new)
-        _send(producer, changelog, value, ukey, partition)
+        _put_state(uid.encode(), new, serde.encode_user(new), puts, cache, limit, producer, changelog, partition)
     return duplicates
 
 
@@ -474,12 +487,7 @@ def _store_items(
         iid = work[n][0]
         new = results[n]
         new.offsets[topic] = offsets[n][-1]
-        ikey = iid.encode()
-        key = STATE_PREFIX + ikey
-        value = serde.encode_item(new)
-        puts[key] = value
-        _cache_put(cache, limit, key, new)
-        _send(producer, changelog, value, ikey, partition)
+        _put_state(iid.encode(), new, serde.encode_item(new), puts, cache, limit, producer, changelog, partition)
         if new.vector is not None:
             replica.put(iid, new.vector)
 
@@ -502,10 +510,6 @@ class _Shard:
             self.src_hwm[int(key[5:])] = int(value)
         self.cache: dict[bytes, Any] = {}
         self.cache_entries = cache_entries
-
-    def remember(self, key: bytes, state: object) -> None:
-        """Put ``state`` in the cache as the most recently used entry; evict the oldest tenth when full."""
-        _cache_put(self.cache, self.cache_entries, key, state)
 
     def next_offset(self, topic: str) -> int | None:
         raw = self.store.get(_off_key(topic, self.partition))
@@ -827,8 +831,8 @@ class StreamWorker:
     def _apply_own_forwards(self, wait_s: float, fresh_item: list[int]) -> None:
         """Read back the forward packs the batch just sent to this worker's item partitions, and apply them.
 
-        Up to ``wait_s``: the records read that are not those forwards (new input, other workers'
-        forwards) are applied too if they are forwards, else kept as the next batch's head. A
+        Up to ``wait_s``. Every forward record read is applied (other workers' too); the other
+        records read (new input) are kept as the next batch's head. A
         rebalance while waiting (its callbacks run inside ``consume``) drops what was read before it:
         the assignment seeks to the stored offsets, so it is read again. What the same ``consume``
         returns after the callbacks comes from the new assignment and is kept, and the wait ends.
@@ -917,8 +921,7 @@ class StreamWorker:
             self._dlq(m, reason, detail)
         stats.events += len(batch)
         users = list(per_user)
-        ukeys = [u.encode() for u in users]
-        states = self._fetch(shard, [STATE_PREFIX + k for k in ukeys], pending, serde.decode_user)
+        states = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending, serde.decode_user)
         work, offsets, redelivered = _past_guards(users, states, per_user, topic)
         stats.redelivered += redelivered
         results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh

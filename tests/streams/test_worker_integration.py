@@ -425,20 +425,30 @@ class _InjectsDuringForwardWait(_RecordsConsumes):
         return msgs
 
 
-@pytest.mark.parametrize("wait_s", [0.0, 2.0], ids=["forwards-next-batch", "forwards-same-batch"])
-def test_a_small_batch_applies_its_own_forwards_and_keeps_the_input_read_meanwhile(
-    live_settings: Settings, wait_s: float
-) -> None:
+def _assigned_worker(live_settings: Settings, wait_s: float) -> tuple[Settings, Producer, StreamWorker]:
+    """Settings with ``forward_wait_s=wait_s`` and no batch interval, a producer, and a started worker
+    that holds its assignment (stepped in this thread)."""
     s = live_settings.model_copy(update={"forward_wait_s": wait_s, "min_batch_interval_s": 0})
     ensure_topics(s)
     producer = make_producer(s.bootstrap_servers)
     worker = StreamWorker(s)
     worker.start()
+    deadline = time.monotonic() + 60
+    while not worker.assigned.is_set():
+        if time.monotonic() > deadline:
+            worker.close()
+            raise AssertionError("no assignment within 60 s")
+        worker.step()
+    return s, producer, worker
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 2.0], ids=["forwards-next-batch", "forwards-same-batch"])
+def test_a_small_batch_applies_its_own_forwards_and_keeps_the_input_read_meanwhile(
+    live_settings: Settings, wait_s: float
+) -> None:
+    s, producer, worker = _assigned_worker(live_settings, wait_s)
     try:
         deadline = time.monotonic() + 60
-        while not worker.assigned.is_set():
-            assert time.monotonic() < deadline
-            worker.step()
         spy = _InjectsDuringForwardWait(
             worker._consumer, lambda: _produce_clicks(producer, s, range(1, 4), users=3, items=2)
         )
@@ -470,16 +480,9 @@ def test_a_small_batch_applies_its_own_forwards_and_keeps_the_input_read_meanwhi
 
 
 def test_a_rebalance_while_waiting_for_forwards_loses_nothing(live_settings: Settings) -> None:
-    s = live_settings.model_copy(update={"forward_wait_s": 2.0, "min_batch_interval_s": 0})
-    ensure_topics(s)
-    producer = make_producer(s.bootstrap_servers)
-    worker = StreamWorker(s)
-    worker.start()
+    s, producer, worker = _assigned_worker(live_settings, 2.0)
     try:
         deadline = time.monotonic() + 60
-        while not worker.assigned.is_set():
-            assert time.monotonic() < deadline
-            worker.step()
         real = worker._consumer
         assert real is not None
 
