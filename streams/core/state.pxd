@@ -5,11 +5,19 @@ import cython
 
 # an extension type in the compiled build: built once per user per batch, 25x cheaper than the class
 cdef class Outcome:
-    cdef public list forwards, duplicates, late, forward_src, late_src
+    cdef public list forwards, forward_src
+    # lists, or one shared empty tuple when there are none
+    cdef public object duplicates, late, late_src
+
+@cython.locals(out=Outcome)
+cpdef Outcome _blank_outcome()
+
+@cython.locals(digests=list)
+cpdef object _hash64s(list texts, object seed)
 
 @cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
-               positives=list, new_recent=list, dups=list, late=list, accepted_at=list, accepted=list, merged=list,
-               recent=list)
+               positives=list, new_recent=list, dups=list, late=list, late_src=list, accepted_at=list, accepted=list,
+               merged=list, recent=list, recent_n=Py_ssize_t)
 cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
 
 @cython.locals(counts=list)
@@ -31,7 +39,8 @@ cpdef list forward_seqs(Outcome out, object positions)
 
 @cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
-               out=Outcome, j=Py_ssize_t, row=Py_ssize_t, weights=dict, lr_of=dict)
+               out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
+               evs=list, ns_rows=list, ev_rows=list, snaps=list, after=list)
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, scores=list)

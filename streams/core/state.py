@@ -97,12 +97,29 @@ class CoreConfig:
 
 def hash64(text: str, seed: int = 0) -> int:
     """A stable 64-bit hash of ``text`` (blake2b; Python's ``hash`` is salted per process)."""
+    h = _hasher(seed).copy()  # a copy of the salted, empty hasher: 2x cheaper than a new one with keyword arguments
+    h.update(text.encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+def _hasher(seed: int) -> hashlib.blake2b:
+    """The empty blake2b hasher (8-byte digest) salted with ``seed``, to copy."""
     base = _HASHERS.get(seed)
     if base is None:
         base = _HASHERS[seed] = _blake2b(digest_size=8, salt=seed.to_bytes(8, "little"))
-    h = base.copy()  # a copy of the salted, empty hasher: 2x cheaper than a new one with keyword arguments
-    h.update(text.encode())
-    return int.from_bytes(h.digest(), "little")
+    return base
+
+
+def _hash64s(texts: list[str], seed: int) -> npt.NDArray[np.uint64]:
+    """:func:`hash64` of each text as a uint64 array: the digests read as little-endian uint64s,
+    without a Python int each (a uint64 array from ints above 2**63 takes numpy's slow path)."""
+    base = _hasher(seed)
+    digests: list[bytes] = []
+    for text in texts:
+        h = base.copy()
+        h.update(text.encode())
+        digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype=_U64LE)
 
 
 #: seed -> an empty blake2b hasher (8-byte digest) salted with the seed
@@ -112,6 +129,8 @@ _new = tuple.__new__
 _blake2b = hashlib.blake2b
 _crc32 = zlib.crc32
 _chain = itertools.chain.from_iterable
+_copy = np.ndarray.copy
+_U64LE = np.dtype("<u8")
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -239,18 +258,37 @@ class Forward(NamedTuple):
 
 
 class Outcome:
-    """What one batch of user events produced, besides the new states."""
+    """What one batch of user events produced, besides the new states.
+
+    ``duplicates``, ``late`` and ``late_src`` are read-only sequences: the core leaves them as one
+    shared empty tuple when there are none (most users, most batches) instead of three new lists.
+    """
 
     __slots__ = ("forwards", "duplicates", "late", "forward_src", "late_src")
 
     def __init__(self) -> None:  # a plain class: built once per user per batch, 4x cheaper than a dataclass
         self.forwards: list[Forward] = []
-        self.duplicates: list[Event] = []
-        self.late: list[Event] = []
+        self.duplicates: Sequence[Event] = []
+        self.late: Sequence[Event] = []
         #: for each forward, the index (in the user's input events) of the event it came from
         self.forward_src: list[int] = []
         #: for each late event, its index in the user's input events
-        self.late_src: list[int] = []
+        self.late_src: Sequence[int] = []
+
+
+#: the ``duplicates`` / ``late`` / ``late_src`` of an Outcome that has none
+_NONE: tuple[()] = ()
+
+
+def _blank_outcome() -> Outcome:
+    """An Outcome without the five new lists of ``Outcome()``.
+
+    Its ``duplicates``, ``late`` and ``late_src`` are :data:`_NONE` until the first one; the caller
+    sets ``forwards`` and ``forward_src`` before it hands the Outcome out.
+    """
+    out: Outcome = Outcome.__new__(Outcome)
+    out.duplicates = out.late = out.late_src = _NONE
+    return out
 
 
 def upsert_forward(ev: Event) -> Forward:
@@ -310,26 +348,39 @@ def _apply_user_features(
     type_index = TYPE_INDEX
     type_value = TYPE_VALUE
     weights = POSITIVE_WEIGHTS
-    dropped: list[int] = []  # indexes of the duplicates and late events (the rest is accepted)
+    # indexes of the duplicates and late events (the rest is accepted), and those events: new lists
+    # only when there are some (rare)
+    dropped: list[int] | None = None
+    dups: list[Event] | None = None
+    late: list[Event] | None = None
+    late_src: list[int] | None = None
     positives: list[Event] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
     # the session's (event time, event id), compared without building tuples; -2**64 is below any time
     s_ts, s_eid = (session[0], session[1]) if session is not None else (-(1 << 64), "")
     newest: Event | None = None  # the event that sets the session (its context is read once, at the end)
-    dups = out.duplicates
-    late = out.late
+    old_max = max_ts
     for i, ev in enumerate(events):
         ts = ev.ts_us
         eid = ev.event_id
         prev = seen.get(eid)
         if prev is not None and prev >= horizon:
+            if dups is None:
+                dups = out.duplicates = []
             dups.append(ev)
+            if dropped is None:
+                dropped = []
             dropped.append(i)
             continue
         if ts < horizon:
+            if late is None or late_src is None:
+                late = out.late = []
+                late_src = out.late_src = []
             late.append(ev)
-            out.late_src.append(i)
+            late_src.append(i)
+            if dropped is None:
+                dropped = []
             dropped.append(i)
             continue
         seen[eid] = ts
@@ -352,14 +403,15 @@ def _apply_user_features(
         accepted = [events[i] for i in accepted_at]
     else:  # the usual case: all of them
         accepted_at = [i for i in range(len(events))]  # compiled: a C loop (``list(range())`` is a generic call)
-        accepted = list(events)
+        # the caller's list itself (the core only reads it): no copy
+        accepted = events if type(events) is list else list(events)
     if not accepted:
         return accepted, accepted_at, positives
     if newest is not None:
         ctx = newest.context
         state.session = (s_ts, s_eid, ctx.session_id, ctx.surface, ctx.device)
     state.version += len(accepted)
-    if max_ts > state.max_ts:
+    if max_ts > old_max:
         state.max_ts = max_ts
     for t in seen.values():  # prune once, when some id fell below the horizon (a loop: cheaper than ``min``)
         if t < horizon:
@@ -379,7 +431,9 @@ def _apply_user_features(
             merged = recent + new_recent
             merged.sort()
             merged.reverse()
-        del merged[cfg.recent_n :]
+        recent_n = cfg.recent_n
+        if len(merged) > recent_n:
+            del merged[recent_n:]
         state.recent = merged
     return accepted, accepted_at, positives
 
@@ -387,23 +441,34 @@ def _apply_user_features(
 def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
     """``init_vector`` for many keys at once (same values)."""
     table = _init_table(cfg.dim, cfg.seed)
-    hs = np.array([hash64(kind + k, cfg.seed) for k in keys], dtype=np.uint64)
+    hs = _hash64s([kind + k for k in keys], cfg.seed)
     rows = (
         table[(hs & np.uint64(4095)).astype(np.intp)] + table[((hs >> np.uint64(12)) & np.uint64(4095)).astype(np.intp)]
     )
     return (rows * np.float32(cfg.init_scale * math.sqrt(cfg.dim))).astype(np.float32)
 
 
-def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
-    """Stack equal-length float32 vectors into a new, writable float32 matrix.
+def _joined(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32] | None:
+    """Float32 vectors of ``dim`` stacked into a new, writable matrix (its rows equal them bit for bit).
 
     It joins their bytes: 3x faster than ``np.concatenate``, itself 3-4x faster than ``np.stack``.
-    Vectors of another item size (the core's are all float32) take ``np.concatenate``, which converts.
+    None when the vectors are not all float32 of ``dim`` (their bytes do not add up).
     """
     buf = bytearray().join(vectors)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs omit it
     if len(buf) != 4 * dim * len(vectors):
-        return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
+        return None
     return np.frombuffer(buf, dtype=np.float32).reshape(len(vectors), dim)
+
+
+def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
+    """Stack equal-length vectors into a new, writable float32 matrix (see :func:`_joined`).
+
+    Vectors of another item size (the core's are all float32) take ``np.concatenate``, which converts.
+    """
+    out = _joined(vectors, dim)
+    if out is None:
+        return np.concatenate(vectors).astype(np.float32, copy=False).reshape(len(vectors), dim)
+    return out
 
 
 def _rounds(
@@ -453,18 +518,19 @@ def _damped_step(
     float32 / int64 promotes to); the sizes and the float32 scale become float64 once, not once per
     element of a broadcast.
     """
+    if len(sizes) == len(contrib):
+        # every chunk holds one event: the general path's division by its size and scaling by sqrt(1)
+        # are exact (x / 1.0 == 1.0 * x == x), so they are left out; the same float64 arithmetic
+        step: npt.NDArray[np.float32] = (contrib - (lr.astype(np.float64) * reg)[:, None] * current).astype(np.float32)
+        return step
     div = sizes.astype(np.float64)
-    if len(sizes) == len(contrib):  # every chunk holds one event (same dtypes as the general path)
-        mean_contrib = contrib / div[:, None]
-        mean_lr = lr / div
-    else:
-        # the chunks of more than one event are a prefix (see ``_rounds``); the rest are single rows,
-        # which are their own sums: ``reduceat`` costs about as much per chunk as per summed row
-        k = int(np.flatnonzero(sizes > 1)[-1]) + 1
-        starts = np.concatenate([[0], np.cumsum(sizes[:k])])
-        n = starts[k]
-        mean_contrib = np.concatenate([np.add.reduceat(contrib[:n], starts[:k], axis=0), contrib[n:]]) / div[:, None]
-        mean_lr = np.concatenate([np.add.reduceat(lr[:n], starts[:k]), lr[n:]]) / div
+    # the chunks of more than one event are a prefix (see ``_rounds``); the rest are single rows,
+    # which are their own sums: ``reduceat`` costs about as much per chunk as per summed row
+    k = int(np.flatnonzero(sizes > 1)[-1]) + 1
+    starts = np.concatenate([[0], np.cumsum(sizes[:k])])
+    n = starts[k]
+    mean_contrib = np.concatenate([np.add.reduceat(contrib[:n], starts[:k], axis=0), contrib[n:]]) / div[:, None]
+    mean_lr = np.concatenate([np.add.reduceat(lr[:n], starts[:k]), lr[n:]]) / div
     scale = np.sqrt(div).astype(np.float32).astype(np.float64)[:, None]  # a float32 sqrt, promoted once
     out: npt.NDArray[np.float32] = (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)
     return out
@@ -505,7 +571,7 @@ def _apply_user_batch(
     positives: list[list[Event]] = []  # per user
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
-        out = Outcome()
+        out = _blank_outcome()
         acc, at, pos = _apply_user_features(new, events, cfg, out)
         news.append(new)
         outs.append(out)
@@ -526,11 +592,16 @@ def _apply_user_batch(
             init = init_matrix([uids[j] for j in fresh], cfg, "u")
             for row, j in enumerate(fresh):
                 news[j].vector = init[row]
-        U = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
+        # the vectors before the batch, one per row of U (the users in ``order``)
+        before: list[Vec] | None = [news[j].vector for j in order]  # type: ignore[misc]
+        U = _joined(before, dim)  # type: ignore[arg-type]
+        if U is None:  # some vector is not float32 of ``dim``: converted, so U's rows are not those vectors
+            U = _rows(before, dim)  # type: ignore[arg-type]
+            before = None
         reg = np.float32(cfg.reg)
         lr_of = {t: cfg.lr * w for t, w in weights.items()}
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
-        # per row of U (the users in ``order``): the user's id and its positives' forwards
+        # per row of U: the user's id and its positives' forwards
         row_uid = [uids[j] for j in order]
         row_fw = [pos_fw[j] for j in order]
         for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
@@ -546,42 +617,55 @@ def _apply_user_batch(
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = np.fromiter([lr_of[ev.type] for ev in evs], np.float32, len(evs))
-            ns_rows = map(tuple, neg_scores.tolist())
-            for ev, row, u_row, ns_row in zip(evs, rows.tolist(), Ue, ns_rows, strict=True):
+            ns_rows = neg_scores.tolist()
+            ev_rows = rows.tolist()
+            # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
+            # vector before the batch, bit for bit: that array itself, not a new view per forward.
+            if before is not None:
+                snaps = [before[row] for row in ev_rows]
+                before = None
+            else:
+                snaps = list(Ue)
+            for e in range(len(evs)):
+                ev = evs[e]
+                row = ev_rows[e]
                 row_fw[row].append(
-                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, row_uid[row], u_row, ns_row,
-                                   True, None, None))
+                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, row_uid[row], snaps[e],
+                                   tuple(ns_rows[e]), True, None, None))
                 )  # fmt: skip
-            U[:m] = U[:m] + _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
+            U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
         # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
-        for j, u_row in zip(order, U, strict=False):
-            news[j].vector = u_row.copy()
-            news[j].steps += len(positives[j])
+        after = list(map(_copy, U))
+        for row in range(len(order)):
+            j = order[row]
+            new = news[j]
+            new.vector = after[row]
+            new.steps += n_pos[j]
     results = []
     impression = EventType.IMPRESSION
-    for j, uid in enumerate(uids):
+    for j in range(len(batch)):
         out = outs[j]
         if len(pos_fw[j]) == len(accepted[j]):  # every accepted event is positive: one forward each
             out.forwards = pos_fw[j]
             out.forward_src = accepted_at[j]
             results.append((news[j], out))
             continue
-        fwds = out.forwards
-        src = out.forward_src
+        uid = uids[j]
+        fwds = out.forwards = []
+        src = out.forward_src = []
         positive = iter(pos_fw[j])
         for i, ev in zip(accepted_at[j], accepted[j], strict=True):
             etype = ev.type
             if etype is impression:
-                eid, ts = ev.event_id, ev.ts_us
-                fwds.extend(
-                    [_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in ev.items]
-                )
-                src.extend([i] * len(ev.items))
+                eid, ts, slate = ev.event_id, ev.ts_us, ev.items
+                fwds.extend([_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in slate])
+                src.extend([i] * len(slate))
             elif etype in weights:  # the vector snapshot and negatives' scores of its BPR step
                 fwds.append(next(positive))
                 src.append(i)
             else:
-                fwds.append(_new(Forward, (ev.item_id, ev.event_id, etype, ev.ts_us, uid, None, (), True, None, None)))
+                fw = (ev.item_id, ev.event_id, etype, ev.ts_us, uid, None, (), True, None, None)
+                fwds.append(_new(Forward, fw))
                 src.append(i)
         results.append((news[j], out))
     return results

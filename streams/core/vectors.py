@@ -49,7 +49,7 @@ class ItemReplica:
         """(n, dim) vectors; unknown items get their deterministic initial vector."""
         if not item_ids:
             return np.zeros((0, self.cfg.dim), dtype=np.float32)
-        idx = np.array(list(map(self._rows.get, item_ids, [-1] * len(item_ids))), dtype=np.intp)
+        idx = np.fromiter(map(self._rows.get, item_ids, [-1] * len(item_ids)), np.intp, len(item_ids))
         out = self._mat[idx]
         unknown = np.flatnonzero(idx < 0)
         if len(unknown):

@@ -18,7 +18,11 @@ from streams.core.state import (
     CoreConfig,
     Forward,
     Outcome,
+    _damped_step,
+    _hash64s,
+    _rows,
     apply_item_forwards,
+    apply_user_batch,
     apply_user_events,
     forward_seqs,
     hash64,
@@ -269,6 +273,106 @@ def test_hash64_is_the_salted_8_byte_blake2b_of_the_text() -> None:
             want = hashlib.blake2b(text.encode(), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
             assert hash64(text, seed) == int.from_bytes(want, "little")
     assert hash64("u1", 0) != hash64("u1", 1)
+
+
+def test_hash64s_equals_hash64_of_each_text() -> None:
+    texts = [f"u{i}" for i in range(300)] + ["", "iitem-42", "u1"]  # some hashes at or above 2**63
+    for seed in (0, 3, 2**40):
+        assert _hash64s(texts, seed).tolist() == [hash64(t, seed) for t in texts]
+    assert _hash64s([], 0).tolist() == []
+
+
+def _damped_step_general(
+    contrib: np.ndarray, lr: np.ndarray, sizes: np.ndarray, current: np.ndarray, reg: np.float32
+) -> np.ndarray:
+    """``_damped_step``'s general path (chunk sums, divisions and sqrt scaling), written out for any sizes."""
+    div = sizes.astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    mean_contrib = np.add.reduceat(contrib, starts, axis=0) / div[:, None]
+    mean_lr = np.add.reduceat(lr, starts) / div
+    scale = np.sqrt(div).astype(np.float32).astype(np.float64)[:, None]
+    return (scale * (mean_contrib - (mean_lr * reg)[:, None] * current)).astype(np.float32)  # type: ignore[no-any-return]
+
+
+def test_damped_step_of_single_events_equals_the_general_path_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    reg = np.float32(0.002)
+    for m in (1, 7, 300):
+        contrib = rng.standard_normal((m, 16)).astype(np.float32)
+        lr = rng.choice(np.array([0.025, 0.05, 0.075, 0.1], dtype=np.float32), m)
+        current = rng.standard_normal((m, 16)).astype(np.float32)
+        sizes = np.ones(m, dtype=np.int_)
+        fast = _damped_step(contrib, lr, sizes, current, reg)
+        assert fast.dtype == np.float32
+        assert fast.tobytes() == _damped_step_general(contrib, lr, sizes, current, reg).tobytes()
+    # chunks of several events (the general path) against the written-out one
+    sizes = np.array([3, 2, 1, 1])
+    contrib = rng.standard_normal((7, 16)).astype(np.float32)
+    lr = np.full(7, 0.05, dtype=np.float32)
+    current = rng.standard_normal((4, 16)).astype(np.float32)
+    want = _damped_step_general(contrib, lr, sizes, current, reg)
+    assert _damped_step(contrib, lr, sizes, current, reg).tobytes() == want.tobytes()
+
+
+def test_forwards_carry_the_vector_before_each_step() -> None:
+    """Each positive's forward snapshots its user's vector before that event's step, in every round.
+
+    u1 takes one step per round (3 positives, max_rounds 4), u2 one chunk of 3 per round (12 positives),
+    u3 one step; the snapshots of a user's later rounds are its vector after the earlier ones.
+    """
+    cfg = CoreConfig(dim=8)
+    items = ItemReplica(cfg)
+    items.put("i1", np.ones(8, dtype=np.float32))
+    per_user = {
+        "u1": [ev(i, EventType.VIEW, "i1", i) for i in range(3)],
+        "u2": [ev(10 + i, EventType.CLICK, "i2", i) for i in range(12)],
+        "u3": [ev(30, EventType.PURCHASE, "i1", 0)],
+    }
+    prior = {uid: apply_user_events(None, uid, [ev(99, t=-1)], cfg, items)[0] for uid in per_user}
+    before = {uid: s.vector.copy() for uid, s in prior.items()}  # type: ignore[union-attr]
+    untouched = {uid: s.copy() for uid, s in prior.items()}  # the batch updates ``prior`` in place
+    results = apply_user_batch([(uid, prior[uid], evs) for uid, evs in per_user.items()], cfg, items, in_place=True)
+    for (uid, evs), (state, out) in zip(per_user.items(), results, strict=True):
+        assert state is prior[uid] and out.forward_src == list(range(len(evs)))
+        snaps = [fw.user_vector for fw in out.forwards]
+        assert all(s is not None and s.dtype == np.float32 for s in snaps)
+        assert np.array_equal(snaps[0], before[uid])  # type: ignore[arg-type]
+        # the same user again, one event at a time from the same start: its vector before each step
+        if uid != "u2":  # (u2's chunks are damped mini-batch steps, not one step per event)
+            replay = untouched[uid]
+            for e, snap in zip(evs, snaps, strict=True):
+                assert np.array_equal(snap, replay.vector)  # type: ignore[arg-type]
+                replay, _ = apply_user_events(replay, uid, [e], cfg, items)
+            assert state.vector is not None and np.array_equal(state.vector, replay.vector)  # type: ignore[arg-type]
+        else:  # a chunk's events share the snapshot of the round's start
+            assert all(np.array_equal(snaps[i], snaps[i - i % 3]) for i in range(12))
+            assert not np.array_equal(snaps[0], snaps[3])
+        assert state.vector is not None and state.vector.flags.owndata  # its own array, not a view of the batch's
+
+
+def test_a_vector_of_another_dtype_is_converted_for_the_batch() -> None:
+    cfg = CoreConfig(dim=8)
+    items = ItemReplica(cfg)
+    state, _ = apply_user_events(None, "u1", [ev(1)], CFG, items)
+    assert state.vector is not None
+    as32 = state.copy()
+    as64 = state.copy()
+    as64.vector = state.vector.astype(np.float64)
+    a, out_a = apply_user_events(as32, "u1", [ev(2), ev(3)], cfg, items)
+    b, out_b = apply_user_events(as64, "u1", [ev(2), ev(3)], cfg, items)
+    assert a.vector is not None and b.vector is not None and np.array_equal(a.vector, b.vector)
+    for fa, fb in zip(out_a.forwards, out_b.forwards, strict=True):
+        assert fb.user_vector is not None and fb.user_vector.dtype == np.float32
+        assert np.array_equal(fa.user_vector, fb.user_vector)  # type: ignore[arg-type]
+    assert _rows([np.ones(3), np.zeros(3)], 3).dtype == np.float32
+
+
+def test_outcome_without_drops_has_empty_sequences() -> None:
+    items = ItemReplica(CFG)
+    state, out = apply_user_events(None, "u1", [ev(1), ev(2, EventType.IMPRESSION)], CFG, items)
+    assert len(out.duplicates) == len(out.late) == len(out.late_src) == 0
+    _, out = apply_user_events(state, "u1", [ev(1), ev(3)], CFG, items)
+    assert [d.event_id for d in out.duplicates] == ["e1"] and len(out.late) == 0
 
 
 @settings(max_examples=100, deadline=None)
