@@ -94,6 +94,14 @@ class CoreConfig:
     #: events in one batch takes damped mini-batch steps (see ``_damped_step``)
     max_rounds: int = 4
 
+    def __post_init__(self) -> None:
+        # what the embedding maths divides by or indexes with: a zero here gives NaN vectors, not an error
+        for name in ("dim", "negatives", "recent_n", "max_rounds", "trend_half_life_us"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CoreConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lateness_us < 0 or self.ctr_prior_impressions <= 0:
+            raise ValueError("CoreConfig: lateness_us must be >= 0 and ctr_prior_impressions > 0")
+
 
 def hash64(text: str, seed: int = 0) -> int:
     """A stable 64-bit hash of ``text`` (blake2b; Python's ``hash`` is salted per process)."""

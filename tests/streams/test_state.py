@@ -410,3 +410,12 @@ def test_forward_seqs_number_each_records_forwards(src: list[int], want_subs: li
     out.forward_src = src
     positions = [10, 11, 15]
     assert forward_seqs(out, positions) == [positions[i] * FORWARD_SLOTS + sub for i, sub in want_subs]
+
+
+@pytest.mark.parametrize("field", ["dim", "negatives", "recent_n", "max_rounds", "trend_half_life_us"])
+def test_core_config_rejects_a_zero_that_breaks_the_maths(field: str) -> None:
+    # negatives=0 used to divide the user step's gradient by zero: NaN vectors, no error
+    with pytest.raises(ValueError, match=field):
+        CoreConfig(**{field: 0})
+    with pytest.raises(ValueError, match="ctr_prior_impressions"):
+        CoreConfig(ctr_prior_impressions=0.0)
