@@ -23,6 +23,7 @@ cpdef tuple decode_forward_pack(object data)
                n_scores=Py_ssize_t, fw=tuple)
 cpdef tuple _decode_pack1(object data)
 
+@cython.locals(dim=Py_ssize_t)
 cpdef bytes _pack(object vector, object body)
 
 cpdef list _buckets_out(object buckets)

@@ -73,10 +73,25 @@ def _floats(xs: Any) -> Any:
 
 def _pack(vector: Vec | None, body: Any) -> bytes:
     if vector is None:
-        return _HEAD.pack(FORMAT, 0) + _dumps(body)
-    if vector.dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
+        return b"".join((_HEAD0, _dumps(body)))
+    dim = len(vector)
+    head = _HEADS.get(dim)
+    if head is None:
+        head = _HEAD.pack(FORMAT, dim)
+        if dim < 4096:  # a dimension is one of a few: a bounded memo
+            _HEADS[dim] = head
+    dtype = vector.dtype
+    if dtype is not _F4 and dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
         vector = vector.astype(_F4)
-    return _HEAD.pack(FORMAT, len(vector)) + vector.tobytes() + _dumps(body)
+    try:  # the vector's own buffer joined in: no bytes object of it first
+        return b"".join((head, vector, _dumps(body)))  # type: ignore[arg-type]  # an ndarray is a buffer
+    except (BufferError, TypeError):  # a strided view: no contiguous buffer
+        return b"".join((head, vector.tobytes(), _dumps(body)))
+
+
+_HEAD0 = _HEAD.pack(FORMAT, 0)
+#: dim -> the state header of a vector of that dimension
+_HEADS: dict[int, bytes] = {}
 
 
 def _unpack(data: bytes) -> tuple[Vec | None, Any]:

@@ -213,3 +213,29 @@ def _encode_pack1(src: int, forwards: list[tuple[int, Forward, int]]) -> bytes:
     head_bytes = struct.pack("<BHII", serde.PACK, max(dim, 0), len(vectors), len(scores_flat))
     block = np.concatenate(vectors).astype("<f4").tobytes() if vectors else b""
     return head_bytes + block + np.array(scores_flat, "<f8").tobytes() + orjson.dumps([src, groups])
+
+
+def test_state_values_are_head_vector_bytes_and_body() -> None:
+    """The state format (what stores, changelogs, serving and replay read), whatever the vector's layout."""
+    from streams.core.state import ItemState, UserState
+
+    mat = np.arange(4 * DIM, dtype=np.float32).reshape(DIM, 4) / 7
+    vectors = [None, np.arange(DIM, dtype=np.float32) / 3, np.arange(DIM, dtype=np.float64) / 3, mat[:, 2],
+               np.arange(DIM, dtype=">f4"), np.zeros(0, dtype=np.float32)]  # fmt: skip
+    for vec in vectors:
+        user = UserState(recent=[(5, "e1", "i1", "view")], session=(5, "e1", "s", None, "web"), seen={"e1": 5},
+                         max_ts=5, vector=vec, steps=1, version=1, offsets={"events": 3})  # fmt: skip
+        item = ItemState(b5={3: [1, 0, 1]}, vector=vec, category="c", upsert_key=(4, "u1"))
+        vec_bytes = b"" if vec is None else vec.astype("<f4").tobytes()
+        head = struct.pack("<BH", serde.FORMAT, 0 if vec is None else len(vec))
+        user_body = [user.counts, user.recent, user.session, user.seen, user.max_ts, user.steps, user.version,
+                     user.offsets]  # fmt: skip
+        assert serde.encode_user(user) == head + vec_bytes + orjson.dumps(user_body)
+        item_body = [item.counts, [[3, 1, 0, 1]], [], item.max_ts, item.eligible, item.category, item.steps,
+                     item.version, item.offsets, item.upsert_key]  # fmt: skip
+        assert serde.encode_item(item) == head + vec_bytes + orjson.dumps(item_body)
+        back = serde.decode_user(serde.encode_user(user)).vector
+        if vec is None or not len(vec):
+            assert back is None
+        else:
+            assert back is not None and back.tolist() == vec.astype(np.float32).tolist()
