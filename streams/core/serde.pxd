@@ -2,14 +2,28 @@
 # The typed containers are exact builtins: what this module builds, or what orjson.loads returns.
 import cython
 
-@cython.locals(groups=list, vectors=list, scores_flat=list, entries=list, values=dict, k=Py_ssize_t, dim=Py_ssize_t)
+# positions, seqs and times as C integers: Kafka offsets and timestamps, and event times in us (years
+# 1-9999), are int64
+@cython.locals(ints=list, strs=list, extras=list, vectors=list, scores_flat=list, values=dict, k=Py_ssize_t,
+               dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
+               seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
+               ts_us=cython.longlong, ts_ms=cython.longlong, g_ts_us=cython.longlong, g_ts_ms=cython.longlong,
+               native=bint, extended=bint, new_group=bint)
 cpdef bytes encode_forward_pack(object src, object forwards)
+
+@cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,
+               types=dict, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t, si_f=Py_ssize_t,
+               k=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t,
+               code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,
+               fw=tuple)
+cpdef tuple decode_forward_pack(object data)
 
 @cython.locals(vecs=list, flat=tuple, groups=list, entries=list, e=list, seqs=list, forwards=list, stamps=list,
                types=dict, row=Py_ssize_t, si=Py_ssize_t, k=Py_ssize_t, n=Py_ssize_t, rows=Py_ssize_t,
                n_scores=Py_ssize_t, fw=tuple)
-cpdef tuple decode_forward_pack(object data)
+cpdef tuple _decode_pack1(object data)
 
+@cython.locals(dim=Py_ssize_t)
 cpdef bytes _pack(object vector, object body)
 
 cpdef list _buckets_out(object buckets)

@@ -1,10 +1,12 @@
-"""Byte formats: the forward pack of ``events.by-item`` (round trip, grouping, rejects)."""
+"""Byte formats: the forward pack of ``events.by-item`` (round trip, grouping, rejects, the older format)."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,7 +44,7 @@ def _pack(draw: Any) -> list[tuple[int, Forward, int]]:
         position += draw(st.integers(1, 50))
         etype = draw(st.sampled_from(list(EventType)))
         user = draw(st.none() | st.sampled_from(["u1", "u2"]))
-        ts_us, ts_ms = draw(st.integers(0, 2**60)), draw(st.integers(0, 2**41))
+        ts_us, ts_ms = draw(st.integers(-(2**60), 2**60)), draw(st.integers(0, 2**41))
         subs = sorted(draw(st.sets(st.integers(0, FORWARD_SLOTS - 1), min_size=1, max_size=6)))
         for sub in subs:
             fw = draw(_forward(f"e{n}", etype, ts_us, user))
@@ -59,7 +61,9 @@ def _same(a: Forward, b: Forward) -> bool:
 @settings(max_examples=200, deadline=None)
 @given(_pack(), st.integers(0, 2**20))
 def test_forward_pack_round_trips(forwards: list[tuple[int, Forward, int]], src: int) -> None:
-    got_src, seqs, fws, stamps = serde.decode_forward_pack(serde.encode_forward_pack(src, forwards))
+    data = serde.encode_forward_pack(src, forwards)
+    assert data[0] == serde.PACK2
+    got_src, seqs, fws, stamps = serde.decode_forward_pack(data)
     assert got_src == src
     assert seqs == [s for s, _, _ in forwards]
     assert stamps == [t for _, _, t in forwards]
@@ -102,3 +106,136 @@ def _an_item_state() -> bytes:
     from streams.core.state import ItemState
 
     return serde.encode_item(ItemState())
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pack(), st.integers(0, 2**20))
+def test_the_older_pack_format_still_decodes(forwards: list[tuple[int, Forward, int]], src: int) -> None:
+    """Records written before an upgrade (format ``PACK``) may be in flight: they decode as before."""
+    got_src, seqs, fws, stamps = serde.decode_forward_pack(_encode_pack1(src, forwards))
+    assert got_src == src
+    assert seqs == [s for s, _, _ in forwards]
+    assert stamps == [t for _, _, t in forwards]
+    assert len(fws) == len(forwards)
+    assert all(_same(a, b) for (_, a, _), b in zip(forwards, fws, strict=True))
+
+
+def test_a_pack_written_by_the_older_encoder_decodes() -> None:
+    # bytes written by the PACK encoder (before PACK2): two float32 user-vector values, float64 scores
+    old = (
+        b"F\x03\x00\x01\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00?\x00\x00\xa0\xbf\x00\x00@@"
+        b"\x00\x00\x00\x00\x00\x00\xd0?\x00\x00\x00\x00\x00\x00\xf8\xbf"
+        b'[5,[[7,"e1","view",1790000000000001,"u1",1790000000123,[[0,"i1",2]]],'
+        b'[9,"e2","impression",1790000000000002,"u2",1790000000124,[[0,"i2"],[3,"i3"]]],'
+        b'[12,"e3","item_upsert",1790000000000000,null,1790000000125,[[0,"i4",0,false,false,"shoes",[1.0,2.0,0.5]]]]]]'
+    )
+    src, seqs, fws, stamps = serde.decode_forward_pack(old)
+    s = FORWARD_SLOTS
+    assert (src, seqs, stamps) == (5, [7 * s, 9 * s, 9 * s + 3, 12 * s], [1790000000123, 1790000000124] + [
+        1790000000124, 1790000000125])  # fmt: skip
+    vec = fws[0].user_vector
+    assert vec is not None and vec.dtype == np.float32 and vec.tolist() == [0.5, -1.25, 3.0]
+    assert fws[0]._replace(user_vector=None) == Forward("i1", "e1", EventType.VIEW, 1790000000000001, "u1", None,
+                                                        (0.25, -1.5))  # fmt: skip
+    assert fws[1:] == [
+        Forward("i2", "e2", EventType.IMPRESSION, 1790000000000002, "u2"),
+        Forward("i3", "e2", EventType.IMPRESSION, 1790000000000002, "u2"),
+        Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes", (1.0, 2.0, 0.5)),
+    ]
+    # the same forwards in PACK2: smaller, and equal after decoding
+    new = serde.encode_forward_pack(src, list(zip(seqs, fws, stamps, strict=True)))
+    assert new[0] == serde.PACK2 and len(new) < len(old)
+    _, seqs2, fws2, stamps2 = serde.decode_forward_pack(new)
+    assert (seqs2, stamps2) == (seqs, stamps) and all(_same(a, b) for a, b in zip(fws, fws2, strict=True))
+
+
+def test_user_vectors_of_another_dtype_or_layout_are_converted() -> None:
+    """The vector block joins native float32 rows' bytes; other vectors go through numpy's conversion."""
+    mat = np.arange(4 * DIM, dtype=np.float32).reshape(DIM, 4)
+    cases = [
+        np.arange(DIM, dtype=np.float64) / 3,  # float64: converted to float32
+        np.arange(DIM, dtype=np.int32),  # integers: converted, not their bytes reinterpreted
+        mat[:, 1],  # a strided view (no contiguous buffer)
+        np.arange(DIM, dtype=">f4"),  # big-endian float32
+    ]
+    for vec in cases:
+        plain = np.arange(DIM, dtype=np.float32)
+        forwards = [(s * FORWARD_SLOTS, Forward(f"i{s}", f"e{s}", EventType.CLICK, s, "u", v, (0.5,)), 0)
+                    for s, v in enumerate([plain, vec])]  # fmt: skip
+        _, _, fws, _ = serde.decode_forward_pack(serde.encode_forward_pack(0, forwards))
+        got = [fw.user_vector for fw in fws]
+        assert all(g is not None and g.dtype == np.float32 for g in got)
+        assert got[0].tolist() == plain.tolist()  # type: ignore[union-attr]
+        assert got[1].tolist() == vec.astype(np.float32).tolist()  # type: ignore[union-attr]
+
+
+def test_forward_pack2_rejects_a_body_that_does_not_match_its_head() -> None:
+    fw = Forward("i1", "e1", EventType.CLICK, 5, "u1", np.zeros(DIM, dtype=np.float32), (1.0, 2.0))
+    data = serde.encode_forward_pack(0, [(FORWARD_SLOTS, fw, 0)])
+    for strings in (3, 5):  # the head announces a string less or more than the body has (4: event id, type, user, item)
+        bad = data[:11] + struct.pack("<I", strings) + data[15:]
+        with pytest.raises(StoreError, match="strings"):
+            serde.decode_forward_pack(bad)
+
+
+def _encode_pack1(src: int, forwards: list[tuple[int, Forward, int]]) -> bytes:
+    """The ``PACK`` encoder as it was before ``PACK2`` (nested lists per group and entry): a reference."""
+    groups: list[list[Any]] = []
+    vectors: list[Any] = []
+    scores_flat: list[float] = []
+    dim = -1
+    entries: list[Any] = []
+    last_pos = -1
+    head: tuple[Any, ...] = ()
+    for seq, f, ts_ms in forwards:
+        item_id, event_id, etype, ts_us, user_id, uv, scores, eligible, category, bootstrap = f
+        pos = seq // FORWARD_SLOTS
+        if pos != last_pos or (event_id, etype, ts_us, user_id, ts_ms) != head:
+            last_pos = pos
+            head = (event_id, etype, ts_us, user_id, ts_ms)
+            entries = []
+            groups.append([pos, event_id, etype.value, ts_us, user_id, ts_ms, entries])
+        k = len(scores)
+        scores_flat.extend(scores)
+        if uv is not None:
+            dim = len(uv)
+            vectors.append(uv)
+        sub = seq % FORWARD_SLOTS
+        if eligible is True and category is None and bootstrap is None:
+            if uv is not None:
+                entries.append([sub, item_id, k])
+                continue
+            if not k:
+                entries.append([sub, item_id])
+                continue
+        entries.append([sub, item_id, k, uv is not None, eligible, category,
+                        None if bootstrap is None else [float(x) for x in bootstrap]])  # fmt: skip
+    head_bytes = struct.pack("<BHII", serde.PACK, max(dim, 0), len(vectors), len(scores_flat))
+    block = np.concatenate(vectors).astype("<f4").tobytes() if vectors else b""
+    return head_bytes + block + np.array(scores_flat, "<f8").tobytes() + orjson.dumps([src, groups])
+
+
+def test_state_values_are_head_vector_bytes_and_body() -> None:
+    """The state format (what stores, changelogs, serving and replay read), whatever the vector's layout."""
+    from streams.core.state import ItemState, UserState
+
+    mat = np.arange(4 * DIM, dtype=np.float32).reshape(DIM, 4) / 7
+    vectors = [None, np.arange(DIM, dtype=np.float32) / 3, np.arange(DIM, dtype=np.float64) / 3, mat[:, 2],
+               np.arange(DIM, dtype=">f4"), np.zeros(0, dtype=np.float32)]  # fmt: skip
+    for vec in vectors:
+        user = UserState(recent=[(5, "e1", "i1", "view")], session=(5, "e1", "s", None, "web"), seen={"e1": 5},
+                         max_ts=5, vector=vec, steps=1, version=1, offsets={"events": 3})  # fmt: skip
+        item = ItemState(b5={3: [1, 0, 1]}, vector=vec, category="c", upsert_key=(4, "u1"))
+        vec_bytes = b"" if vec is None else vec.astype("<f4").tobytes()
+        head = struct.pack("<BH", serde.FORMAT, 0 if vec is None else len(vec))
+        user_body = [user.counts, user.recent, user.session, user.seen, user.max_ts, user.steps, user.version,
+                     user.offsets]  # fmt: skip
+        assert serde.encode_user(user) == head + vec_bytes + orjson.dumps(user_body)
+        item_body = [item.counts, [[3, 1, 0, 1]], [], item.max_ts, item.eligible, item.category, item.steps,
+                     item.version, item.offsets, item.upsert_key]  # fmt: skip
+        assert serde.encode_item(item) == head + vec_bytes + orjson.dumps(item_body)
+        back = serde.decode_user(serde.encode_user(user)).vector
+        if vec is None or not len(vec):
+            assert back is None
+        else:
+            assert back is not None and back.tolist() == vec.astype(np.float32).tolist()
