@@ -210,8 +210,12 @@ def _send(
     """Produce one record, polling while the client's queue is full."""
     while True:
         try:
-            # positional: confluent-kafka parses keyword arguments at ~0.6 us a record
-            producer.produce(topic, value, key, partition, on_delivery, None, ts_ms)
+            # positional: confluent-kafka parses keyword arguments at ~0.6 us a record, and each
+            # argument given costs ~100 instructions more (the changelog's records need only four)
+            if ts_ms == 0 and on_delivery is None:
+                producer.produce(topic, value, key, partition)
+            else:
+                producer.produce(topic, value, key, partition, on_delivery, None, ts_ms)
             return
         except BufferError:
             producer.poll(0.01)
@@ -412,6 +416,7 @@ def _store_users(
     cache = shard.cache
     limit = shard.cache_entries
     partition = shard.partition
+    encode_user = serde.encode_user  # (a module attribute lookup per user otherwise)
     duplicates = 0
     for n in range(len(work)):
         uid = work[n][0]
@@ -428,7 +433,7 @@ def _store_users(
             raise ValueError("one sequence number and source per forward")
         for j in range(len(fws)):
             forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
-        _put_state(uid.encode(), new, serde.encode_user(new), puts, cache, limit, producer, changelog, partition)
+        _put_state(uid.encode(), new, encode_user(new), puts, cache, limit, producer, changelog, partition)
     return duplicates
 
 

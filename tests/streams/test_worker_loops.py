@@ -52,6 +52,13 @@ def test_send_polls_while_the_queue_is_full() -> None:
     assert p.records == [("t", b"v", b"k", 3, None, None, 7)] and p.polls == 2
 
 
+def test_send_passes_only_the_arguments_it_needs() -> None:
+    p = _Producer()
+    worker._send(p, "t", b"v", b"k", 3)  # type: ignore[arg-type]  # a changelog record: no timestamp, no callback
+    worker._send(p, "t", b"v", None, 3, 0, print)  # type: ignore[arg-type]
+    assert p.records == [("t", b"v", b"k", 3), ("t", b"v", None, 3, print, None, 0)]
+
+
 def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
     cache: dict[bytes, Any] = {}
     for i in range(20):
