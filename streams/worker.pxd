@@ -20,7 +20,7 @@ cpdef _put_state(object raw_key, object state, object value, dict puts, dict cac
 @cython.locals(out=list, missing=list, from_store=list)
 cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
 
-@cython.locals(groups=dict, mine=list)
+@cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)
 
 @cython.locals(per_user=dict, mine=tuple)

@@ -272,6 +272,9 @@ def _fetch_states(
 def _by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
     """The consumed records by (topic, partition), in order; consumer errors are logged and skipped."""
     groups: dict[tuple[str, int], list[Message]] = {}
+    mine: list[Message] = []
+    last_topic: str | None = None
+    last_partition = -1
     for m in msgs:
         err = m.error()
         if err is not None:
@@ -281,12 +284,16 @@ def _by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
         topic = m.topic()
         partition = m.partition()
         assert topic is not None and partition is not None
-        key = (topic, partition)
-        mine = groups.get(key)
-        if mine is None:
-            groups[key] = [m]
-        else:
-            mine.append(m)
+        # a consume returns runs of one partition's records: look the group up once a run
+        if partition != last_partition or topic != last_topic:
+            key = (topic, partition)
+            found = groups.get(key)
+            if found is None:
+                found = groups[key] = []
+            mine = found
+            last_topic = topic
+            last_partition = partition
+        mine.append(m)
     return groups
 
 

@@ -162,6 +162,13 @@ def test_by_partition_keeps_each_partitions_records_in_order_and_skips_errors() 
     eof = Message(topic="a", partition=0, error=KafkaError(KafkaError._PARTITION_EOF))
     groups = worker._by_partition([m("a", 0, 1), m("b", 0, 7), eof, m("a", 1, 3), m("a", 0, 2)])
     assert {k: [x.offset() for x in v] for k, v in groups.items()} == {("a", 0): [1, 2], ("b", 0): [7], ("a", 1): [3]}
+    # runs of one partition (what a consume returns), one broken by an error, and a run that returns
+    runs = [m("a", 0, 1), m("a", 0, 2), eof, m("a", 0, 3), m("b", 0, 7), m("b", 0, 8), m("a", 0, 4), m("b", 1, 9)]
+    groups = worker._by_partition(runs)
+    assert list(groups) == [("a", 0), ("b", 0), ("b", 1)]
+    assert {k: [x.offset() for x in v] for k, v in groups.items()} == {
+        ("a", 0): [1, 2, 3, 4], ("b", 0): [7, 8], ("b", 1): [9]
+    }  # fmt: skip
 
 
 def test_lowest_and_highest_are_min_and_max() -> None:
