@@ -6,6 +6,11 @@ import cython
                clock=cython.long, frac=cython.long, year=cython.long, month=cython.long, day=cython.long,
                hour=cython.long, minute=cython.long, second=cython.long, month_days=cython.long,
                y=cython.longlong, day_of_year=cython.longlong, days=cython.longlong)
+cpdef object _utc_time_scan(str text)
+
+@cython.locals(n=Py_ssize_t, frac=cython.longlong, head=str, digits=str)
+cpdef object _utc_time_memo(str text)
+
 cpdef object _utc_time_us(str text)
 
 @cython.locals(w=object)

@@ -18,6 +18,7 @@ Wire format (one JSON object)::
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -253,7 +254,12 @@ _tuple_new = tuple.__new__
 #: a memo of parsed event times (a log's neighbouring events often share a timestamp string)
 _TIMES: dict[str, int] = {}
 _TIMES_MAX = 1 << 16
-#: the canonical UTC times (``_utc_time_us``) by their length; "0" stands for an ASCII digit
+#: a memo of the whole seconds of canonical UTC times (``_utc_time_memo``): "YYYY-MM-DDTHH:MM:SS" -> us
+_SECONDS: dict[str, int] = {}
+_SECONDS_FORM = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", re.ASCII)
+#: whether this module runs compiled (its file is then the extension, not the .py)
+_COMPILED = not __file__.endswith(".py")
+#: the canonical UTC times (``_utc_time_scan``) by their length; "0" stands for an ASCII digit
 _UTC_S = b"0000-00-00T00:00:00Z"
 _UTC_MS = b"0000-00-00T00:00:00.000Z"
 _UTC_US = b"0000-00-00T00:00:00.000000Z"
@@ -264,16 +270,23 @@ _UPSERT = EventType.ITEM_UPSERT
 def clear_caches() -> None:
     """Forget the memos of parsed event times (benchmarks start each timed run cold)."""
     _TIMES.clear()
+    _SECONDS.clear()
 
 
 def _utc_time_us(text: str) -> int | None:
     """The event time ``text`` in us since the epoch if it is ``YYYY-MM-DDTHH:MM:SS[.fff|.ffffff]Z``, else None.
 
-    The canonical UTC form that producers write (``format_time``, millisecond clocks), read digit
-    by digit: compiled, this is a C loop that makes no objects (slices, ``int()`` and a memo of
-    the whole seconds cost ~3k instructions an event). The caller parses any other form (and any
-    invalid time: None) in full. Where this gives a number, ``datetime.fromisoformat`` gives the
-    same time (a property test checks it).
+    The canonical UTC form that producers write (``format_time``, millisecond clocks); the caller
+    parses any other form (and any invalid time: None) in full. Where this gives a number,
+    ``datetime.fromisoformat`` gives the same time. Two implementations, one for each build.
+    """
+    return _utc_time_scan(text) if _COMPILED else _utc_time_memo(text)
+
+
+def _utc_time_scan(text: str) -> int | None:
+    """:func:`_utc_time_us` for the compiled build: read digit by digit, a C loop that makes no objects.
+
+    (Slices, ``int()`` and a memo of the whole seconds cost the compiled build ~3k instructions an event.)
     """
     n = len(text)
     form = _UTC_S if n == 20 else _UTC_MS if n == 24 else _UTC_US if n == 27 else None
@@ -282,17 +295,17 @@ def _utc_time_us(text: str) -> int | None:
     # the digits as three decimal numbers: YYYYMMDD, hhmmss and the fraction
     date = clock = frac = 0
     for k, ch in enumerate(text):  # (compiled: a C loop over the characters)
-        c = ord(ch)
-        if form[k] == ord("0"):
-            if not ord("0") <= c <= ord("9"):
+        c = ord(ch) - 48  # 48: ord("0"), a literal so that plain Python calls ord() once a character
+        if form[k] == 48:
+            if not 0 <= c <= 9:
                 return None
             if k < 10:
-                date = date * 10 + (c - ord("0"))
+                date = date * 10 + c
             elif k < 19:
-                clock = clock * 10 + (c - ord("0"))
+                clock = clock * 10 + c
             else:
-                frac = frac * 10 + (c - ord("0"))
-        elif c != form[k]:
+                frac = frac * 10 + c
+        elif c != form[k] - 48:
             return None
     if n == 24:
         frac *= 1000  # milliseconds
@@ -316,6 +329,40 @@ def _utc_time_us(text: str) -> int | None:
     day_of_year = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
     days = y * 365 + y // 4 - y // 100 + y // 400 + day_of_year - 719_468
     return (((days * 24 + hour) * 60 + minute) * 60 + second) * 1_000_000 + frac
+
+
+def _utc_time_memo(text: str) -> int | None:
+    """:func:`_utc_time_us` for plain Python: the whole seconds are parsed once (memoized) and the fraction added.
+
+    (A character loop costs plain Python ~1.4k instructions a character; slices, ``int()`` and
+    a dict lookup are what is cheap there.)
+    """
+    n = len(text)
+    if n == 20:
+        frac = 0
+    elif n == 24 or n == 27:
+        digits = text[20 : n - 1]
+        if text[19] != "." or not (digits.isascii() and digits.isdigit()):
+            return None
+        frac = int(digits) * 1000 if n == 24 else int(digits)
+    else:
+        return None
+    if text[n - 1] != "Z":
+        return None
+    head = text[:19]
+    seconds = _SECONDS.get(head)
+    if seconds is None:
+        if _SECONDS_FORM.fullmatch(head) is None:
+            return None
+        try:
+            dt = datetime.fromisoformat(head + "+00:00")
+        except ValueError:
+            return None  # e.g. month 13: the caller's full parse names the reason
+        seconds = datetime_to_ts(dt)
+        if len(_SECONDS) >= _TIMES_MAX:
+            _SECONDS.clear()
+        _SECONDS[head] = seconds
+    return seconds + frac
 
 
 def decode(data: bytes, ref_us: int | None = None) -> Event:
