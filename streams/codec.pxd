@@ -2,7 +2,15 @@
 # source; Cython reads this when it compiles the module, see setup.py and streams/_compiled.py)
 import cython
 
+@cython.locals(n=Py_ssize_t, k=Py_ssize_t, ch=Py_UCS4, c=cython.long, form=bytes, date=cython.long,
+               clock=cython.long, frac=cython.long, year=cython.long, month=cython.long, day=cython.long,
+               hour=cython.long, minute=cython.long, second=cython.long, month_days=cython.long,
+               y=cython.longlong, day_of_year=cython.longlong, days=cython.longlong)
+cpdef object _utc_time_scan(str text)
+
 @cython.locals(n=Py_ssize_t, frac=cython.longlong, head=str, digits=str)
+cpdef object _utc_time_memo(str text)
+
 cpdef object _utc_time_us(str text)
 
 @cython.locals(w=object)

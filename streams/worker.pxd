@@ -20,13 +20,14 @@ cpdef _put_state(object raw_key, object state, object value, dict puts, dict cac
 @cython.locals(out=list, missing=list, from_store=list)
 cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
 
-@cython.locals(groups=dict, mine=list)
+@cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)
 
 @cython.locals(per_user=dict, mine=tuple)
 cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
-@cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list)
+@cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list,
+               applied=dict)
 cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
 @cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -194,11 +195,13 @@ _canonical_times = st.builds(
 _CANONICAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6})?Z", re.ASCII)
 
 
-@given(_canonical_times | _times | st.text(max_size=30))
-def test_utc_time_fast_path_agrees_with_fromisoformat(text: str) -> None:
+@pytest.mark.parametrize("parse", [codec._utc_time_us, codec._utc_time_scan, codec._utc_time_memo])
+@given(text=_canonical_times | _times | st.text(max_size=30))
+def test_utc_time_fast_path_agrees_with_fromisoformat(parse: Any, text: str) -> None:
+    # both builds' implementations (the compiled one's loop and plain Python's memo), whichever runs
     codec.clear_caches()
     for _ in range(2):  # cold, then from the memo of whole seconds
-        got = codec._utc_time_us(text)
+        got = parse(text)
         try:
             dt: datetime | None = datetime.fromisoformat(text)
         except ValueError:
@@ -209,14 +212,18 @@ def test_utc_time_fast_path_agrees_with_fromisoformat(text: str) -> None:
             assert dt is not None and dt.tzinfo is not None and got == datetime_to_ts(dt)
 
 
-def test_utc_time_fast_path_takes_the_canonical_forms() -> None:
+@pytest.mark.parametrize("parse", [codec._utc_time_us, codec._utc_time_scan, codec._utc_time_memo])
+def test_utc_time_fast_path_takes_the_canonical_forms(parse: Any) -> None:
     base = 1_795_341_600_000_000  # 2026-11-22T10:00:00Z
-    assert codec._utc_time_us("2026-11-22T10:00:00Z") == base
-    assert codec._utc_time_us("2026-11-22T10:00:00.250Z") == base + 250_000
-    assert codec._utc_time_us("2026-11-22T10:00:00.000007Z") == base + 7
+    assert parse("2026-11-22T10:00:00Z") == base
+    assert parse("2026-11-22T10:00:00.250Z") == base + 250_000
+    assert parse("2026-11-22T10:00:00.000007Z") == base + 7
+    assert parse("2024-02-29T23:59:59.999999Z") == 1_709_251_199_999_999  # the last microsecond of a leap day
+    assert parse("0001-01-01T00:00:00Z") == -62_135_596_800_000_000  # datetime.min (719,162 days before 1970)
     for other in ("2026-11-22T10:00:00+00:00", "2026-11-22 10:00:00Z", "2026-11-22T10:00:00.5Z",
-                  "2026-11-22T10:00:00.\u0661\u0662\u0663Z", "2026-13-22T10:00:00Z"):  # fmt: skip
-        assert codec._utc_time_us(other) is None
+                  "2026-11-22T10:00:00.\u0661\u0662\u0663Z", "2026-13-22T10:00:00Z", "2025-02-29T00:00:00Z",
+                  "0000-01-01T00:00:00Z", "2026-11-22T24:00:00Z", "2026-11-22T10:00:60Z"):  # fmt: skip
+        assert parse(other) is None
     # the other forms are parsed in full
     assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T10:00:00.5Z"})).ts_us == base + 500_000
     assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T12:00:00+02:00"})).ts_us == base

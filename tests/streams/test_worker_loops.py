@@ -52,6 +52,13 @@ def test_send_polls_while_the_queue_is_full() -> None:
     assert p.records == [("t", b"v", b"k", 3, None, None, 7)] and p.polls == 2
 
 
+def test_send_passes_only_the_arguments_it_needs() -> None:
+    p = _Producer()
+    worker._send(p, "t", b"v", b"k", 3)  # type: ignore[arg-type]  # a changelog record: no timestamp, no callback
+    worker._send(p, "t", b"v", None, 3, 0, print)  # type: ignore[arg-type]
+    assert p.records == [("t", b"v", b"k", 3), ("t", b"v", None, 3, print, None, 0)]
+
+
 def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
     cache: dict[bytes, Any] = {}
     for i in range(20):
@@ -155,6 +162,13 @@ def test_by_partition_keeps_each_partitions_records_in_order_and_skips_errors() 
     eof = Message(topic="a", partition=0, error=KafkaError(KafkaError._PARTITION_EOF))
     groups = worker._by_partition([m("a", 0, 1), m("b", 0, 7), eof, m("a", 1, 3), m("a", 0, 2)])
     assert {k: [x.offset() for x in v] for k, v in groups.items()} == {("a", 0): [1, 2], ("b", 0): [7], ("a", 1): [3]}
+    # runs of one partition (what a consume returns), one broken by an error, and a run that returns
+    runs = [m("a", 0, 1), m("a", 0, 2), eof, m("a", 0, 3), m("b", 0, 7), m("b", 0, 8), m("a", 0, 4), m("b", 1, 9)]
+    groups = worker._by_partition(runs)
+    assert list(groups) == [("a", 0), ("b", 0), ("b", 1)]
+    assert {k: [x.offset() for x in v] for k, v in groups.items()} == {
+        ("a", 0): [1, 2, 3, 4], ("b", 0): [7, 8], ("b", 1): [9]
+    }  # fmt: skip
 
 
 def test_lowest_and_highest_are_min_and_max() -> None:
