@@ -619,7 +619,13 @@ class StreamWorker:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
+        #: changelogs and the DLQ; delivery reports for failures only (``_delivery_failed``)
         self._producer: Producer | None = None
+        #: forward packs; a delivery report for every pack (``_on_pack_delivered``: the forward wait needs
+        #: their offsets). Two producers, so that the many state records cost no success report each.
+        self._pack_producer: Producer | None = None
+        #: records whose delivery failed since the last commit: (count, the first one's topic, partition, error)
+        self._undelivered: tuple[int, str] = (0, "")
         self._tail: Consumer | None = None
         self._last_stats = 0.0
         #: monotonic time before which the next batch does not start (see ``Settings.min_batch_interval_s``)
@@ -643,16 +649,23 @@ class StreamWorker:
     def _common(self) -> dict[str, Any]:
         return {"bootstrap.servers": self.settings.bootstrap_servers, "log_level": 3}
 
+    def _producer_config(self) -> dict[str, Any]:
+        return {**self._common(), "linger.ms": 2, "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
+                "enable.idempotence": False, "acks": "all"}  # fmt: skip
+
     def start(self) -> None:
         """Connect, check the log epoch, subscribe."""
         from streams.broker import ensure_topics
 
         s = self.settings
         self._epoch = ensure_topics(s)
+        # A record whose delivery fails (an error from the broker, or ``message.timeout.ms`` passed)
+        # leaves the client's queue, so ``flush`` alone reports success: the delivery reports catch it,
+        # and the batch is not committed (``_check_delivered``).
         self._producer = Producer(
-            {**self._common(), "linger.ms": 2, "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
-             "enable.idempotence": False, "acks": "all"}
-        )  # fmt: skip
+            {**self._producer_config(), "delivery.report.only.error": True, "on_delivery": self._delivery_failed}
+        )
+        self._pack_producer = Producer(self._producer_config())
         self._consumer = Consumer(
             {**self._common(), "group.id": s.group_id, "enable.auto.commit": False,
              "auto.offset.reset": "earliest", "session.timeout.ms": s.session_timeout_ms,
@@ -678,8 +691,9 @@ class StreamWorker:
             self._consumer.close()
         if self._tail is not None:
             self._tail.close()
-        if self._producer is not None:
-            self._producer.flush(10)
+        for producer in (self._producer, self._pack_producer):
+            if producer is not None:
+                producer.flush(10)
         for shard in self._shards.values():
             shard.store.close()
         self._shards.clear()
@@ -792,6 +806,8 @@ class StreamWorker:
         self._next_batch_at = started + self.settings.min_batch_interval_s if msgs and small else 0.0
         if not msgs:
             self._producer.poll(0)
+            if self._pack_producer is not None:
+                self._pack_producer.poll(0)
             self._maybe_write_stats()
             return 0
         if self.stats.first_batch_at is None:
@@ -839,18 +855,36 @@ class StreamWorker:
             else:
                 pending.update(self._user_batch(shard, topic, batch, pending, fresh_user))
         # forwards, changelogs and DLQ records must be durable before the states commit
-        remaining = self._producer.flush(30)
-        if remaining:
-            raise RuntimeError(f"{remaining} records not delivered to the broker; not committing the batch")
+        self._check_delivered()
         sync = self.settings.sync_writes
         for shard, puts in writes.values():
             shard.store.write(puts, sync=sync)
 
+    def _check_delivered(self) -> None:
+        """Wait until every record produced so far is acknowledged; raise (no commit) when one is not."""
+        assert self._producer is not None and self._pack_producer is not None
+        remaining = self._producer.flush(30) + self._pack_producer.flush(30)
+        failed, first = self._undelivered
+        self._undelivered = (0, "")
+        if remaining or failed:
+            raise RuntimeError(
+                f"{remaining + failed} records not delivered to the broker ({remaining} still queued, {failed} "
+                f"failed{': ' + first if first else ''}); not committing the batch"
+            )
+
+    def _delivery_failed(self, err: KafkaError | None, msg: Message) -> None:
+        """A delivery report (served inside ``flush``/``poll``): count the failures."""
+        if err is not None:
+            failed, first = self._undelivered
+            self._undelivered = (failed + 1, first or f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+
     def _on_pack_delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            p, off = cast(int, msg.partition()), cast(int, msg.offset())
-            if off > self._pack_offsets.get(p, -1):
-                self._pack_offsets[p] = off
+        if err is not None:
+            self._delivery_failed(err, msg)
+            return
+        p, off = cast(int, msg.partition()), cast(int, msg.offset())
+        if off > self._pack_offsets.get(p, -1):
+            self._pack_offsets[p] = off
 
     def _apply_own_forwards(self, wait_s: float, fresh_item: list[int]) -> None:
         """Read back the forward packs the batch just sent to this worker's item partitions, and apply them.
@@ -974,9 +1008,9 @@ class StreamWorker:
         """
         if not forwards:
             return
-        assert self._producer is not None
+        assert self._pack_producer is not None
         _send_forward_packs(
-            self._producer, self.settings.topics.by_item, src, forwards, self._item_part, self.settings.partitions,
+            self._pack_producer, self.settings.topics.by_item, src, forwards, self._item_part, self.settings.partitions,
             self._on_pack_delivered,
         )  # fmt: skip
         self.stats.forwards += len(forwards)

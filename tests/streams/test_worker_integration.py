@@ -19,7 +19,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from streams.broker import ensure_topics
+from streams.broker import ensure_topics, free_port
 from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
@@ -293,6 +293,49 @@ def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None
                 worker.step()
         worker._producer = real
         assert not any(shard.cache for shard in worker._shards.values())
+    finally:
+        worker.close()
+
+
+def test_a_record_the_broker_never_acknowledges_fails_the_batch_and_a_restart_loses_nothing(
+    live_settings: Settings,
+) -> None:
+    # A record whose delivery fails leaves the client's queue, so ``flush`` alone says "all delivered":
+    # the worker must learn it from the delivery reports and not commit the batch.
+    s = live_settings
+    ensure_topics(s)
+    producer = make_producer(s.bootstrap_servers)
+    _produce_clicks(producer, s, range(10), users=2, items=3)
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.stats.events < 10:
+            assert time.monotonic() < deadline
+            worker.step()
+        assert _user_counts(s) == {"u0": 5, "u1": 5}
+        # the state producer (changelogs, DLQ) swapped for one whose records all time out unacknowledged
+        worker._producer = Producer(
+            {"bootstrap.servers": f"127.0.0.1:{free_port()}", "log_level": 0, "message.timeout.ms": 300,
+             "delivery.report.only.error": True, "on_delivery": worker._delivery_failed}
+        )  # fmt: skip
+        _produce_clicks(producer, s, range(10, 20), users=2, items=3)
+        with pytest.raises(RuntimeError, match=r"records not delivered .* failed: .*timed out"):
+            while True:
+                assert time.monotonic() < deadline
+                worker.step()
+        assert _user_counts(s) == {"u0": 5, "u1": 5}  # nothing of the failed batch was committed
+    finally:
+        worker.close()
+    # a restarted worker reads the failed batch again from the stored offsets, and applies it once
+    worker = StreamWorker(s)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _user_counts(s) != {"u0": 10, "u1": 10}:
+            assert time.monotonic() < deadline, _user_counts(s)
+            worker.step()
+        assert worker.stats.events == 10
     finally:
         worker.close()
 
