@@ -851,15 +851,13 @@ def _item_steps(
         # one pass over the round's forwards: each field is read once (a NamedTuple field is a
         # descriptor call), and the negatives are counted on the way (no set of their lengths)
         vecs = []
-        scores = []
-        flat: list[float] = []  # the scores, one after another
+        flat: list[float] = []  # the negatives' scores, one forward after another
         lrs = []
         k = len(fws[0].neg_scores)
         same_k = k > 0
         for fw in fws:
             vecs.append(fw.user_vector)
             ns = fw.neg_scores
-            scores.append(ns)
             flat.extend(ns)
             if len(ns) != k:
                 same_k = False
@@ -868,9 +866,10 @@ def _item_steps(
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
         if same_k:  # the usual case: the same k > 0 negatives each
-            NS = _float32s(flat).reshape(len(scores), k)
+            NS = _float32s(flat).reshape(len(fws), k)
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
+            scores = [fw.neg_scores for fw in fws]
             k = max(map(len, scores)) or 1
             NS = np.zeros((len(fws), k), dtype=np.float32)
             mask = np.zeros((len(fws), k), dtype=np.float32)
