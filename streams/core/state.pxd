@@ -31,7 +31,8 @@ cpdef bint _any_below(dict buckets, long long lo) except -1
                ts=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong, i5=cython.longlong,
                run5=cython.longlong, i60=cython.longlong, lo5=cython.longlong, lo60=cython.longlong,
                b5_us=cython.longlong, b60_us=cython.longlong, b5_per_b60=cython.longlong,
-               n_events=Py_ssize_t, ti=Py_ssize_t, imp=Py_ssize_t, clk=Py_ssize_t, pos=Py_ssize_t)
+               n_events=Py_ssize_t, ti=Py_ssize_t, i_impr=Py_ssize_t, i_click=Py_ssize_t, imp=Py_ssize_t,
+               clk=Py_ssize_t, pos=Py_ssize_t)
 cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
 
 @cython.locals(src=list, seqs=list, i=Py_ssize_t)
@@ -43,5 +44,8 @@ cpdef list forward_seqs(Outcome out, object positions)
                evs=list, ns_rows=list, ev_rows=list, snaps=list, after=list)
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
-@cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, scores=list)
+@cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, fws=list, vecs=list,
+               scores=list, flat=list, lrs=list, k=Py_ssize_t, same_k=bint, after=list, n=Py_ssize_t, i=Py_ssize_t)
 cpdef _item_steps(list news, list steps, object cfg, object ids=*)
+
+cpdef object _float32s(list values)

@@ -19,8 +19,10 @@ from streams.core.state import (
     Forward,
     Outcome,
     _damped_step,
+    _float32s,
     _hash64s,
     _rows,
+    apply_item_batch,
     apply_item_forwards,
     apply_user_batch,
     apply_user_events,
@@ -144,6 +146,39 @@ def test_item_step_moves_the_vector_towards_the_user() -> None:
     expected = v0 + CFG.lr * 1.0 * (g * u - CFG.reg * v0)  # click weight 1.0
     assert np.allclose(after.vector, expected, atol=1e-6)
     assert float(after.vector @ u) > float(v0 @ u)
+
+
+def test_float32s_equals_fromiter_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    values = [0.0, -0.0, 1, -3, 1e-50, tiny, tiny / 2, tiny * 1.5, 3.4028235e38, 3.5e38, -1e300, math.inf, -math.inf]
+    values += [1 + k * 2.0**-24 for k in range(-3, 4)]  # float32 rounding ties and their neighbours
+    values += rng.standard_normal(500).tolist() + (rng.standard_normal(200) * 1e-40).tolist()
+    with np.errstate(over="ignore"):  # both warn alike where a value is beyond float32 (-> inf)
+        got, want = _float32s(values), np.fromiter(values, np.float32, len(values))
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+    assert np.isnan(_float32s([math.nan])[0]) and _float32s([]).shape == (0,)
+
+
+def test_item_steps_with_ragged_negatives_equal_the_usual_path_for_the_other_items() -> None:
+    """A round whose forwards have unequal numbers of negatives takes the masked path; the other
+    items' rows in that round come out bit for bit as on the usual path (all k equal)."""
+    rng = np.random.default_rng(5)
+
+    def fw(item: str, i: int, k: int) -> Forward:
+        u = rng.standard_normal(CFG.dim).astype(np.float32)
+        return Forward(item, f"{item}-{i}", EventType.CLICK, T0 + i, "u1", u, tuple(rng.standard_normal(k).tolist()))
+
+    # "a": 6 steps with 4 negatives each (more than max_rounds: damped chunks); "b": 2 steps
+    a = [fw("a", i, 4) for i in range(6)]
+    b_usual, b_ragged = [fw("b", i, 4) for i in range(2)], [fw("b", 0, 1), fw("b", 1, 0)]
+    usual = apply_item_batch([("a", None, a), ("b", None, b_usual)], CFG)
+    ragged = apply_item_batch([("a", None, a), ("b", None, b_ragged)], CFG)
+    assert usual[0].vector is not None and ragged[0].vector is not None
+    assert usual[0].vector.tobytes() == ragged[0].vector.tobytes()
+    assert (usual[0].steps, ragged[1].steps) == (6, 2)
+    # and a key's negatives scores do matter (the masked path is not a no-op)
+    assert not np.array_equal(usual[1].vector, ragged[1].vector)
 
 
 def test_serde_round_trips() -> None:
