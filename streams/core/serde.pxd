@@ -18,6 +18,9 @@ cpdef bytes encode_forward_pack(object src, object forwards)
                fw=tuple)
 cpdef tuple decode_forward_pack(object data)
 
+@cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t, vecs=list, flat=tuple)
+cpdef tuple _pack_blocks(object data, object head, object fmt)
+
 @cython.locals(vecs=list, flat=tuple, groups=list, entries=list, e=list, seqs=list, forwards=list, stamps=list,
                types=dict, row=Py_ssize_t, si=Py_ssize_t, k=Py_ssize_t, n=Py_ssize_t, rows=Py_ssize_t,
                n_scores=Py_ssize_t, fw=tuple)

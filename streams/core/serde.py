@@ -287,6 +287,26 @@ def _pack_f8(n: int, xs: list[float]) -> bytes:
     return struct.pack(f"<{n}d", *xs)
 
 
+def _pack_blocks(
+    data: bytes, head: struct.Struct, fmt: int
+) -> tuple[tuple[int, ...], list[Vec], tuple[float, ...], Any]:
+    """A forward pack's header fields, user vectors, negatives' scores and decoded body (either format).
+
+    The header starts ``first byte, dim, vectors, scores``; the blocks follow it, then the orjson body.
+    The scores are a tuple: its slices are each forward's ``neg_scores`` (no list per forward).
+    """
+    if len(data) < head.size:
+        raise StoreError("forward pack too short")
+    fields: tuple[int, ...] = head.unpack_from(data)
+    if fields[0] != fmt:
+        raise StoreError(f"not a forward pack (first byte {fields[0]})")
+    dim, rows, n_scores = fields[1], fields[2], fields[3]
+    at = head.size + 4 * dim * rows
+    vecs: list[Vec] = list(_frombuffer(data, _F4, dim * rows, head.size).reshape(rows, dim).copy()) if rows else []
+    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
+    return fields, vecs, flat, orjson.loads(memoryview(data)[at + 8 * n_scores :])
+
+
 def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack -> (source partition id, seqs, forwards, source record ts ms), in pack order.
 
@@ -297,18 +317,9 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
         raise StoreError("forward pack too short")
     if data[0] == PACK:
         return _decode_pack1(data)
-    if len(data) < _PACK2_HEAD.size:
-        raise StoreError("forward pack too short")
-    fmt, dim, rows, n_scores, n_strs = _PACK2_HEAD.unpack_from(data)
-    if fmt != PACK2:
-        raise StoreError(f"not a forward pack (first byte {fmt})")
-    at = _PACK2_HEAD.size + 4 * dim * rows
-    vecs: list[Vec] = (
-        list(_frombuffer(data, _F4, dim * rows, _PACK2_HEAD.size).reshape(rows, dim).copy()) if rows else []
-    )
-    # a tuple: its slices are each forward's neg_scores (no list per forward)
-    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
-    src, ints, strs, extras = orjson.loads(memoryview(data)[at + 8 * n_scores :])
+    head, vecs, flat, body = _pack_blocks(data, _PACK2_HEAD, PACK2)
+    rows, n_scores, n_strs = head[2], head[3], head[4]
+    src, ints, strs, extras = body
     if len(strs) != n_strs:
         raise StoreError(f"forward pack holds {len(strs)} strings, its head says {n_strs}")
     seqs: list[int] = []
@@ -365,18 +376,9 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
 
 def _decode_pack1(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack of the older ``PACK`` format (nested lists per group and entry)."""
-    if len(data) < _PACK_HEAD.size:
-        raise StoreError("forward pack too short")
-    fmt, dim, rows, n_scores = _PACK_HEAD.unpack_from(data)
-    if fmt != PACK:
-        raise StoreError(f"not a forward pack (first byte {fmt})")
-    at = _PACK_HEAD.size + 4 * dim * rows
-    vecs: list[Vec] = (
-        list(_frombuffer(data, _F4, dim * rows, _PACK_HEAD.size).reshape(rows, dim).copy()) if rows else []
-    )
-    # a tuple: its slices are each forward's neg_scores (no list per forward)
-    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
-    src, groups = orjson.loads(memoryview(data)[at + 8 * n_scores :])
+    head, vecs, flat, body = _pack_blocks(data, _PACK_HEAD, PACK)
+    rows, n_scores = head[2], head[3]
+    src, groups = body
     seqs: list[int] = []
     forwards: list[Forward] = []
     stamps: list[int] = []

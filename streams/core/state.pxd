@@ -42,6 +42,9 @@ cpdef list forward_seqs(Outcome out, object positions)
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
                out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
                evs=list, ns_rows=list, ev_rows=list, snaps=list, after=list)
+@cython.locals(row=Py_ssize_t, j=Py_ssize_t, after=list)
+cpdef _store_vectors(list news, list order, object M, list n_steps)
+
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, fws=list, vecs=list,

@@ -61,6 +61,7 @@ __all__ = [
 
 Vec = npt.NDArray[np.float32]
 _T = TypeVar("_T")
+_St = TypeVar("_St", "UserState", "ItemState")
 
 TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
 N_TYPES = len(TYPE_INDEX)
@@ -575,6 +576,19 @@ def apply_user_batch(
     return _apply_user_batch(batch, cfg, items, in_place)
 
 
+def _store_vectors(news: list[_St], order: list[int], M: npt.NDArray[np.float32], n_steps: list[int]) -> None:
+    """Row ``r`` of the rounds' matrix ``M`` becomes the vector of ``news[order[r]]``, which took ``n_steps`` steps.
+
+    One copy per row, not views of ``M``: a long-lived (cached) state must not pin the batch matrix.
+    """
+    after = list(map(_copy, M))
+    for row in range(len(order)):
+        j = order[row]
+        new = news[j]
+        new.vector = after[row]
+        new.steps += n_steps[j]
+
+
 def _apply_user_batch(
     batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
     cfg: CoreConfig,
@@ -653,13 +667,7 @@ def _apply_user_batch(
                                    tuple(ns_rows[e]), True, None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
-        # one copy per row, not views of U: a long-lived (cached) state must not pin the batch matrix
-        after = list(map(_copy, U))
-        for row in range(len(order)):
-            j = order[row]
-            new = news[j]
-            new.vector = after[row]
-            new.steps += n_pos[j]
+        _store_vectors(news, order, U, n_pos)
     results = []
     impression = EventType.IMPRESSION
     for j in range(len(batch)):
@@ -884,13 +892,7 @@ def _item_steps(
         lr = _float32s(lrs)
         # in place: the same float32 sums as ``V[:m] + step``, without a temporary and its copy back
         V[:m] += _damped_step((lr * g)[:, None] * Ur, lr, sizes, V[:m], reg)
-    # one copy per row, not views of V: a long-lived (cached) state must not pin the batch matrix
-    after = list(map(_copy, V))
-    for row in range(len(order)):
-        j = order[row]
-        new = news[j]
-        new.vector = after[row]
-        new.steps += n_steps[j]
+    _store_vectors(news, order, V, n_steps)
 
 
 def apply_item_forwards(

@@ -69,6 +69,14 @@ def _user_counts(settings: Settings) -> Counter[str]:
     return counts
 
 
+def _step_until(worker: StreamWorker, done: Callable[[], bool], timeout: float = 60) -> None:
+    """Step ``worker`` in this thread until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, worker.stats.snapshot()
+        worker.step()
+
+
 def _run_until(worker: StreamWorker, pred, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -277,10 +285,7 @@ def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None
     worker = StreamWorker(s)
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        while worker.stats.events < 20:
-            assert time.monotonic() < deadline
-            worker.step()
+        _step_until(worker, lambda: worker.stats.events >= 20)
         assert any(shard.cache for shard in worker._shards.values())
         for i in range(20, 30):
             producer.produce(s.topics.events, _event(i, "u1", f"i{i}"), b"u1")
@@ -288,9 +293,7 @@ def test_a_failed_batch_drops_the_cached_states(live_settings: Settings) -> None
         real = worker._producer
         worker._producer = _ReportsUndelivered(real)  # type: ignore[assignment]
         with pytest.raises(RuntimeError, match="not delivered"):
-            while True:
-                assert time.monotonic() < deadline
-                worker.step()
+            _step_until(worker, lambda: False)
         worker._producer = real
         assert not any(shard.cache for shard in worker._shards.values())
     finally:
@@ -309,10 +312,7 @@ def test_a_record_the_broker_never_acknowledges_fails_the_batch_and_a_restart_lo
     worker = StreamWorker(s)
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        while worker.stats.events < 10:
-            assert time.monotonic() < deadline
-            worker.step()
+        _step_until(worker, lambda: worker.stats.events >= 10)
         assert _user_counts(s) == {"u0": 5, "u1": 5}
         # the state producer (changelogs, DLQ) swapped for one whose records all time out unacknowledged
         worker._producer = Producer(
@@ -321,9 +321,7 @@ def test_a_record_the_broker_never_acknowledges_fails_the_batch_and_a_restart_lo
         )  # fmt: skip
         _produce_clicks(producer, s, range(10, 20), users=2, items=3)
         with pytest.raises(RuntimeError, match=r"records not delivered .* failed: .*timed out"):
-            while True:
-                assert time.monotonic() < deadline
-                worker.step()
+            _step_until(worker, lambda: False)
         assert _user_counts(s) == {"u0": 5, "u1": 5}  # nothing of the failed batch was committed
     finally:
         worker.close()
@@ -331,10 +329,7 @@ def test_a_record_the_broker_never_acknowledges_fails_the_batch_and_a_restart_lo
     worker = StreamWorker(s)
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        while _user_counts(s) != {"u0": 10, "u1": 10}:
-            assert time.monotonic() < deadline, _user_counts(s)
-            worker.step()
+        _step_until(worker, lambda: _user_counts(s) == {"u0": 10, "u1": 10})
         assert worker.stats.events == 10
     finally:
         worker.close()
