@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -26,16 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ingest import cpu_s  # noqa: E402
 from streams import _compiled  # noqa: E402
 from streams.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.producer import make_producer, produce_records, synthetic_events  # noqa: E402
 from streams.worker import StreamWorker  # noqa: E402
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -58,14 +53,14 @@ def main() -> None:
         while worker.stats.events < args.warmup:
             worker.step()
         assert broker.pid is not None
-        e0, b0 = worker.stats.events, _cpu_s(broker.pid)
+        e0, b0 = worker.stats.events, cpu_s(broker.pid)
         t0, p0, w0 = time.thread_time(), time.process_time(), time.perf_counter()
         idle = 0
         while idle < 20:  # both stages done: 20 empty batches in a row
             idle = idle + 1 if worker.step() == 0 else 0
         main_s, proc_s, wall = time.thread_time() - t0, time.process_time() - p0, time.perf_counter() - w0
         n = worker.stats.events - e0
-        broker_s = _cpu_s(broker.pid) - b0
+        broker_s = cpu_s(broker.pid) - b0
         worker.close()
         print(
             f"worker_loop: build={_compiled.build()} events={n} main_cpu_us_per_event={main_s / n * 1e6:.1f} "
