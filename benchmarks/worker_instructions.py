@@ -121,8 +121,9 @@ def main() -> None:
     main_file = next(f for f in files if re.search(r"-0*1$", f.name))  # thread 1: the main thread
     main_ir = _totals(main_file)
     all_ir = sum(_totals(f) for f in files)
-    print(f"callgrind files: {out_dir}" if args.keep else "", end="\n" if args.keep else "")
-    if not args.keep:
+    if args.keep:
+        print(f"callgrind files: {out_dir}")
+    else:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(
         f"worker_instructions: build={build} events={n} main_instructions_per_event={main_ir / n:.0f} "

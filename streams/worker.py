@@ -624,7 +624,7 @@ class StreamWorker:
         #: forward packs; a delivery report for every pack (``_on_pack_delivered``: the forward wait needs
         #: their offsets). Two producers, so that the many state records cost no success report each.
         self._pack_producer: Producer | None = None
-        #: records whose delivery failed since the last commit: (count, the first one's topic, partition, error)
+        #: records whose delivery failed since the last check: (count, "topic[partition]: error" of the first)
         self._undelivered: tuple[int, str] = (0, "")
         self._tail: Consumer | None = None
         self._last_stats = 0.0
@@ -792,7 +792,7 @@ class StreamWorker:
 
     def step(self) -> int:
         """Run one batch; returns the number of records consumed."""
-        assert self._consumer is not None and self._producer is not None
+        assert self._consumer is not None and self._producer is not None and self._pack_producer is not None
         linger = self._next_batch_at - time.monotonic()
         if linger > 0 and self._stop.wait(linger):
             return 0
@@ -806,8 +806,7 @@ class StreamWorker:
         self._next_batch_at = started + self.settings.min_batch_interval_s if msgs and small else 0.0
         if not msgs:
             self._producer.poll(0)
-            if self._pack_producer is not None:
-                self._pack_producer.poll(0)
+            self._pack_producer.poll(0)
             self._maybe_write_stats()
             return 0
         if self.stats.first_batch_at is None:
