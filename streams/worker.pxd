@@ -30,7 +30,9 @@ cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejec
                applied=dict)
 cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
-@cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t)
+@cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t, n=Py_ssize_t,
+               i=Py_ssize_t, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, pack_dim=Py_ssize_t,
+               vec_blocks=list, score_blocks=list, seqs=list, item_ids=list, entries=list, stamps=list)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, cache=dict, limit=Py_ssize_t)

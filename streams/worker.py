@@ -48,16 +48,17 @@ from streams.core.state import (
     FORWARD_SLOTS,
     CoreConfig,
     Forward,
+    ItemEntry,
     ItemState,
     Outcome,
     UserState,
-    apply_item_batch,
+    apply_item_entries,
     apply_user_batch,
     forward_seqs,
     upsert_forward,
 )
 from streams.core.vectors import ItemReplica
-from streams.errors import InvalidEvent, StateMismatch
+from streams.errors import InvalidEvent, StateMismatch, StoreError
 from streams.events import Event, EventType
 from streams.store import META_PREFIX, STATE_PREFIX, Store, open_store, shard_path
 
@@ -161,7 +162,7 @@ class WorkerStats:
 
 
 _S = TypeVar("_S", UserState, ItemState)
-_T = TypeVar("_T", Event, Forward)
+_T = TypeVar("_T", Event, ItemEntry)
 _first = itemgetter(0)
 
 
@@ -186,7 +187,7 @@ _msg_timestamp = Message.timestamp
 
 #: one key's input of a batch: the source offsets and, in the same order, the events (forwards)
 _UserInput = tuple[list[int], list[Event]]
-_ItemInput = tuple[list[int], list[Forward]]
+_ItemInput = tuple[list[int], list[ItemEntry]]
 
 
 def _lowest(xs: list[int]) -> int:
@@ -381,36 +382,55 @@ def _past_guards(
 
 def _group_forward_packs(
     batch: list[Message], hwm: dict[int, int], touched_src: set[int], fresh_ts: list[int]
-) -> tuple[dict[str, _ItemInput], int, int]:
-    """Decode an item-stage batch of forward packs into each item's offsets and forwards.
+) -> tuple[dict[str, _ItemInput], Any, Any, int, int]:
+    """Decode an item-stage batch of forward packs into each item's offsets and entries.
 
     Forwards at or below their source's high-water mark in ``hwm`` are re-sent ones and are
-    skipped; ``hwm`` and ``touched_src`` are updated. Returns the items' input, the forwards
-    read and the forwards skipped.
+    skipped; ``hwm`` and ``touched_src`` are updated. Returns the items' input, the batch's user
+    vector matrix and score array the entries index (:func:`streams.core.state.apply_item_entries`),
+    the forwards read and the forwards skipped.
     """
     per_item: dict[str, _ItemInput] = {}
     read = resent = 0
+    vec_blocks: list[Any] = []
+    score_blocks: list[Any] = []
+    dim = rows = n_scores = 0
+    decode = serde.decode_forward_entries
     for m in batch:
-        src, seqs, pack, stamps = serde.decode_forward_pack(m.value() or b"")
-        read += len(pack)
+        src, seqs, item_ids, entries, stamps, pack_dim, vec_block, score_block = decode(
+            _msg_value(m) or b"", rows, n_scores
+        )
+        n = len(entries)
+        read += n
         # seqs increase within a pack and across one source's packs: what a re-send repeats is a prefix
         start = bisect_right(seqs, hwm.get(src, -1))
         resent += start
-        if start == len(pack):
-            continue
+        if start == n:
+            continue  # (its blocks are left out: the next pack's entries count from the same bases)
         hwm[src] = seqs[-1]
         touched_src.add(src)
-        off = m.offset()
+        if pack_dim:
+            if dim and pack_dim != dim:
+                raise StoreError(f"forward packs of one batch hold user vectors of {dim} and {pack_dim} floats")
+            dim = pack_dim
+            vec_blocks.append(vec_block)
+            rows += len(vec_block) // (4 * dim)
+        if len(score_block):
+            score_blocks.append(score_block)
+            n_scores += len(score_block) // 8
+        off = _msg_offset(m)
         assert off is not None
-        for fw in pack[start:] if start else pack:
-            mine = per_item.get(fw.item_id)
+        for i in range(start, n):
+            iid = item_ids[i]
+            mine = per_item.get(iid)
             if mine is None:
-                per_item[fw.item_id] = ([off], [fw])
+                per_item[iid] = ([off], [entries[i]])
             else:
                 mine[0].append(off)
-                mine[1].append(fw)
+                mine[1].append(entries[i])
         fresh_ts.extend(stamps[start:] if start else stamps)
-    return per_item, read, resent
+    U, S = serde.entry_arrays(dim, vec_blocks, score_blocks)
+    return per_item, U, S, read, resent
 
 
 def _store_users(
@@ -491,7 +511,7 @@ def _send_forward_packs(
 
 
 def _store_items(
-    work: list[tuple[str, ItemState | None, list[Forward]]],
+    work: list[tuple[str, ItemState | None, list[ItemEntry]]],
     offsets: list[list[int]],
     results: list[ItemState],
     topic: str,
@@ -1022,7 +1042,7 @@ class StreamWorker:
         stats = self.stats
         hwm = shard.src_hwm
         touched_src: set[int] = set()
-        per_item, read, resent = _group_forward_packs(batch, hwm, touched_src, fresh_ts)
+        per_item, U, S, read, resent = _group_forward_packs(batch, hwm, touched_src, fresh_ts)
         stats.item_records += read
         stats.resent_forwards += resent
         items = list(per_item)
@@ -1031,7 +1051,7 @@ class StreamWorker:
         stats.redelivered += redelivered
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
-        results = apply_item_batch(work, self.cfg, in_place=True)
+        results = apply_item_entries(work, self.cfg, U, S, in_place=True)
         _store_items(work, offsets, results, topic, puts, shard, producer, changelog, self.replica)
         for src in touched_src:
             k = META_PREFIX + f"src:{src}".encode()

@@ -30,3 +30,11 @@ cpdef tuple _decode_pack1(object data)
 cpdef bytes _pack(object vector, object body)
 
 cpdef list _buckets_out(object buckets)
+
+@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, types=dict,
+               row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t,
+               n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, dim=Py_ssize_t,
+               at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t, code=cython.longlong, flags=cython.longlong,
+               shift=int, mask=cython.longlong, base=cython.longlong, pos=cython.longlong,
+               ts_us=cython.longlong, ts_ms=cython.longlong)
+cpdef tuple decode_forward_entries(object data, Py_ssize_t row_base=*, Py_ssize_t score_base=*)

@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streams.core.state import FORWARD_SLOTS, TYPE_VALUE, Forward, ItemState, UserState, Vec
+from streams.core.state import (
+    FORWARD_SLOTS,
+    TYPE_VALUE,
+    Forward,
+    ItemEntry,
+    ItemState,
+    UserState,
+    Vec,
+    forward_entries,
+)
 from streams.errors import StoreError
 from streams.events import EventType
 
@@ -36,6 +45,8 @@ __all__ = [
     "decode_item",
     "encode_forward_pack",
     "decode_forward_pack",
+    "decode_forward_entries",
+    "entry_arrays",
     "vector_of",
     "user_digest",
     "item_digest",
@@ -44,6 +55,7 @@ __all__ = [
 FORMAT = 1
 _HEAD = struct.Struct("<BH")
 _TYPES = {t.value: t for t in EventType}
+_UPSERT = EventType.ITEM_UPSERT
 #: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK2 is
 #: written, PACK (nested lists per group and entry, the format before) still read
 PACK = 0x46
@@ -372,6 +384,112 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     if row != rows or si_f != n_scores or ii != n_ints or xi != len(extras):
         raise StoreError(f"forward pack holds {rows} vectors and {n_scores} scores, its entries use {row} and {si_f}")
     return src, seqs, forwards, stamps
+
+
+def decode_forward_entries(
+    data: bytes, row_base: int = 0, score_base: int = 0
+) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
+    """Decode a forward pack for the item stage -> (source partition id, seqs, item ids, entries, source
+    record ts ms, dim, user vector block, score block), in pack order.
+
+    The entries (:data:`streams.core.state.ItemEntry`) stand for the forwards
+    :func:`decode_forward_pack` returns; their rows count from ``row_base`` and their score indexes
+    from ``score_base``: where this pack's blocks (float32 rows of ``dim``, float64 scores) begin
+    once a batch's blocks are joined (:func:`entry_arrays`). No :class:`Forward`, no array or tuple
+    per forward: that halved the item stage's decode. Reads both formats, as ``decode_forward_pack``.
+    """
+    if len(data) < 1:
+        raise StoreError("forward pack too short")
+    if data[0] == PACK:
+        return _pack1_entries(data, row_base, score_base)
+    head = _PACK2_HEAD
+    if len(data) < head.size:
+        raise StoreError("forward pack too short")
+    fmt, dim, rows, n_scores, n_strs = head.unpack_from(data)
+    if fmt != PACK2:
+        raise StoreError(f"not a forward pack (first byte {fmt})")
+    at = head.size + 4 * dim * rows
+    end = at + 8 * n_scores
+    if len(data) < end:
+        raise StoreError("forward pack too short")
+    view = memoryview(data)
+    src, ints, strs, extras = orjson.loads(view[end:])
+    if len(strs) != n_strs:
+        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {n_strs}")
+    seqs: list[int] = []
+    item_ids: list[str] = []
+    entries: list[ItemEntry] = []
+    stamps: list[int] = []
+    types = _TYPES
+    upsert = _UPSERT
+    shift = _SLOT_BITS
+    mask = FORWARD_SLOTS - 1
+    row = si = ii = xi = si_f = 0
+    base = pos = ts_us = ts_ms = 0
+    # the current group's fields, as the objects every entry of it shares
+    event_id: Any = None
+    etype: Any = None
+    us: Any = 0
+    ms: Any = 0
+    n_ints = len(ints)
+    while si < n_strs:
+        if ii >= n_ints:
+            raise StoreError("forward pack ends inside an entry")
+        code = ints[ii]
+        ii += 1
+        flags = code >> shift
+        if flags & 1:
+            pos += ints[ii]
+            ts_us += ints[ii + 1]
+            ts_ms += ints[ii + 2]
+            ii += 3
+            event_id = strs[si]
+            etype = types[strs[si + 1]]
+            si += 3  # (the user id: the item stage does not read it)
+            base = pos << shift
+            us = ts_us
+            ms = ts_ms
+        item_ids.append(strs[si])
+        si += 1
+        k = flags >> 3
+        r = -1
+        if flags & 2:
+            r = row_base + row
+            row += 1
+        up: Any = None
+        if flags & 4:
+            if etype is upsert:
+                bootstrap = extras[xi + 2]
+                up = (event_id, extras[xi], extras[xi + 1], None if bootstrap is None else tuple(bootstrap))
+            xi += 3
+        elif etype is upsert:
+            up = (event_id, True, None, None)
+        entries.append((etype, us, r, score_base + si_f, k, up))
+        si_f += k
+        seqs.append(base + (code & mask))
+        stamps.append(ms)
+    if row != rows or si_f != n_scores or ii != n_ints or xi != len(extras):
+        raise StoreError(f"forward pack holds {rows} vectors and {n_scores} scores, its entries use {row} and {si_f}")
+    return src, seqs, item_ids, entries, stamps, dim, view[head.size : at], view[at:end]
+
+
+def _pack1_entries(
+    data: bytes, row_base: int, score_base: int
+) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
+    """:func:`decode_forward_entries` of a ``PACK`` record: its forwards, made entries."""
+    src, seqs, forwards, stamps = _decode_pack1(data)
+    vecs: list[Vec] = []
+    flat: list[float] = []
+    entries = forward_entries(forwards, vecs, flat, row_base, score_base)
+    dim = len(vecs[0]) if vecs else 0
+    block = b"".join(vecs)  # type: ignore[arg-type]  # rows of one float32 matrix: buffers
+    return src, seqs, [f.item_id for f in forwards], entries, stamps, dim, block, _pack_f8(len(flat), flat)
+
+
+def entry_arrays(dim: int, vec_blocks: list[Any], score_blocks: list[Any]) -> tuple[Any, Any]:
+    """A batch's user vector matrix (None without rows) and score array, from its packs' blocks in order."""
+    U = _frombuffer(b"".join(vec_blocks), _F4).reshape(-1, dim) if dim else None
+    return U, _frombuffer(b"".join(score_blocks), _F8)
 
 
 def _decode_pack1(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:

@@ -27,13 +27,19 @@ cpdef _bump(dict buckets, object idx, Py_ssize_t impressions, Py_ssize_t clicks,
 cpdef bint _any_below(dict buckets, long long lo) except -1
 
 # event times in microseconds and their bucket indexes: int64 (event times are datetimes, years 1-9999)
-@cython.locals(counts=list, type_index=dict, runs=list, mine=list, b5=dict, b60=dict,
+@cython.locals(counts=list, type_index=dict, runs=list, mine=list, b5=dict, b60=dict, e=tuple,
                ts=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong, i5=cython.longlong,
                run5=cython.longlong, i60=cython.longlong, lo5=cython.longlong, lo60=cython.longlong,
                b5_us=cython.longlong, b60_us=cython.longlong, b5_per_b60=cython.longlong,
                n_events=Py_ssize_t, ti=Py_ssize_t, i_impr=Py_ssize_t, i_click=Py_ssize_t, imp=Py_ssize_t,
                clk=Py_ssize_t, pos=Py_ssize_t)
-cpdef list _apply_item_forwards(object new, object iid, object forwards, object cfg)
+cpdef list _apply_item_entries(object new, object iid, object entries, object cfg, object U, object S)
+
+@cython.locals(out=list, fw=object, ns=object)
+cpdef list forward_entries(object forwards, list vecs, list flat, Py_ssize_t row_base=*, Py_ssize_t score_base=*)
+
+@cython.locals(news=list, steps=list, ids=list)
+cpdef list _apply_item_entries_batch(object batch, object cfg, object U, object S, bint in_place)
 
 @cython.locals(src=list, seqs=list, i=Py_ssize_t)
 cpdef list forward_seqs(Outcome out, object positions)
@@ -47,8 +53,8 @@ cpdef _store_vectors(list news, list order, object M, list n_steps)
 
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
-@cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, fws=list, vecs=list,
-               scores=list, flat=list, lrs=list, k=Py_ssize_t, same_k=bint, after=list, n=Py_ssize_t, i=Py_ssize_t)
-cpdef _item_steps(list news, list steps, object cfg, object ids=*)
+@cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, es=list, e=tuple,
+               at=list, starts=list, lrs=list, k=Py_ssize_t, same_k=bint, n=Py_ssize_t, i=Py_ssize_t)
+cpdef _item_steps(list news, list steps, object cfg, object ids=*, object U=*, object S=*)
 
 cpdef object _float32s(list values)

@@ -29,7 +29,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,10 @@ __all__ = [
     "apply_user_batch",
     "apply_item_forwards",
     "apply_item_batch",
+    "apply_item_entries",
+    "ItemEntry",
+    "forward_entries",
+    "score_array",
     "init_vector",
     "init_matrix",
     "item_features",
@@ -142,6 +146,7 @@ _chain = itertools.chain.from_iterable
 _copy = np.ndarray.copy
 _U64LE = np.dtype("<u8")
 _pack = struct.pack
+_arange = np.arange
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -266,6 +271,16 @@ class Forward(NamedTuple):
     eligible: bool = True
     category: str | None = None
     bootstrap: tuple[float, ...] | None = None
+
+
+#: One forward as the item stage's core reads it: ``(type, event time us, user vector row, first score,
+#: number of scores, upsert)``. An exact tuple, not a :class:`Forward`: the worker builds one per
+#: forward it decodes (a tuple costs a fraction of a NamedTuple, and the compiled core reads its
+#: fields as C array slots), and the user vectors and negatives' scores stay in one matrix and one
+#: float64 array for the whole batch (``U``, ``S`` of :func:`apply_item_entries`) instead of an array
+#: and a tuple per forward. The row is -1 without a user vector (then the scores are not read);
+#: ``upsert`` is ``(event id, eligible, category, bootstrap)`` for an item upsert, else None.
+ItemEntry = tuple[EventType, int, int, int, int, "tuple[str, bool, str | None, tuple[float, ...] | None] | None"]
 
 
 class Outcome:
@@ -728,48 +743,52 @@ def _any_below(buckets: dict[int, list[int]], lo: int) -> bool:
     return False
 
 
-def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], cfg: CoreConfig) -> list[Forward]:
-    """Apply one item's forwards (arrival order) to ``new``; returns the forwards left to step.
+def _apply_item_entries(
+    new: ItemState, iid: str, entries: Sequence[ItemEntry], cfg: CoreConfig, U: Any, S: Any
+) -> list[ItemEntry]:
+    """Apply one item's entries (arrival order) to ``new``; returns the entries left to step.
 
     Features are order-independent and accumulated per bucket first; an upsert that is not
     newer than the current one (a redelivery, or an older one arriving late) changes nothing.
     Vector writes keep their order: embedding steps before a bootstrap are flushed first.
+    ``U`` and ``S`` are the batch's user vectors and scores (see :data:`ItemEntry`).
     """
     upsert, impression, click = _UPSERT_TYPE, _IMPRESSION_TYPE, _CLICK_TYPE
     counts = new.counts
     type_index = TYPE_INDEX
     i_impr, i_click = _IMPR, _CLICK
     b5_us, b60_us, b5_per_b60 = B5_US, B60_US, _B5_PER_B60  # locals: C integers in the compiled build
-    # The forwards that count in the features (all but upserts) as runs of consecutive events in one
+    # The entries that count in the features (all but upserts) as runs of consecutive events in one
     # 5-minute bucket: (bucket index, impressions, clicks, positives). A batch's events mostly arrive in
     # time order, so the buckets take one update per run, not one per event.
     runs: list[tuple[int, int, int, int]] = []
     n_events = i5 = run5 = imp = clk = pos = 0
-    mine: list[Forward] = []
+    mine: list[ItemEntry] = []
     old_max = max_ts = new.max_ts
-    for fw in forwards:
-        etype = fw.type
+    for e in entries:
+        etype = e[0]
         if etype is upsert:
+            event_id, eligible, category, bootstrap = e[5]  # type: ignore[misc]  # an upsert's entry has them
             # newest (event time, event id) wins
-            key = (fw.ts_us, fw.event_id)
+            key = (e[1], event_id)
             if new.upsert_key is not None and key <= new.upsert_key:
                 continue
             new.version += 1
             counts[type_index[etype]] += 1
             new.upsert_key = key
-            new.eligible = fw.eligible
-            new.category = fw.category
-            if fw.bootstrap is not None and len(fw.bootstrap) == cfg.dim:
+            new.eligible = eligible
+            new.category = category
+            if bootstrap is not None and len(bootstrap) == cfg.dim:
                 if mine:
-                    _item_steps([new], [mine], cfg, [iid])
+                    _item_steps([new], [mine], cfg, [iid], U, S)
                     mine = []
-                new.vector = np.asarray(fw.bootstrap, dtype=np.float32)
+                new.vector = np.asarray(bootstrap, dtype=np.float32)
             continue
-        ts = fw.ts_us
+        ts = e[1]
         if ts > max_ts:
             max_ts = ts
-        if fw.user_vector is not None:
-            mine.append(fw)
+        if e[2] >= 0:
+            mine.append(e)
         i5 = ts // b5_us
         if i5 != run5 or not n_events:
             if n_events:
@@ -777,7 +796,7 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
             run5 = i5
             imp = clk = pos = 0
         n_events += 1
-        # the type's count: impressions and clicks (most forwards) without the dict lookup
+        # the type's count: impressions and clicks (most entries) without the dict lookup
         if etype is impression:
             imp += 1
             ti = i_impr
@@ -820,26 +839,93 @@ def _apply_item_forwards(new: ItemState, iid: str, forwards: Sequence[Forward], 
     return mine
 
 
+def forward_entries(
+    forwards: Iterable[Forward], vecs: list[Vec], flat: list[float], row_base: int = 0, score_base: int = 0
+) -> list[ItemEntry]:
+    """The item stage's entries of ``forwards``: their user vectors go to ``vecs``, their scores to ``flat``.
+
+    The entries' rows and score indexes count from ``row_base`` and ``score_base`` (where ``vecs``
+    and ``flat`` begin in the batch's matrix and score array). Only what the item stage reads is
+    kept: a forward without a user vector needs no scores, an upsert neither.
+    """
+    out: list[ItemEntry] = []
+    upsert = _UPSERT_TYPE
+    for fw in forwards:
+        etype = fw.type
+        if etype is upsert:
+            out.append((etype, fw.ts_us, -1, 0, 0, (fw.event_id, fw.eligible, fw.category, fw.bootstrap)))
+            continue
+        uv = fw.user_vector
+        if uv is None:
+            out.append((etype, fw.ts_us, -1, 0, 0, None))
+            continue
+        ns = fw.neg_scores
+        out.append((etype, fw.ts_us, row_base + len(vecs), score_base + len(flat), len(ns), None))
+        vecs.append(uv)
+        flat.extend(ns)
+    return out
+
+
+def score_array(flat: list[float]) -> npt.NDArray[np.float64]:
+    """Scores as a float64 array (struct packs the doubles in one C loop; exact for floats and float32s)."""
+    return np.frombuffer(_pack(f"{len(flat)}d", *flat), dtype=np.float64)
+
+
 def apply_item_batch(
     batch: Sequence[tuple[str, ItemState | None, Sequence[Forward]]], cfg: CoreConfig, *, in_place: bool = False
 ) -> list[ItemState]:
     """Apply each item's forwards (arrival order); embedding steps vectorized in rounds.
 
     Equal to applying the forwards one at a time per item. Input states are not mutated,
-    unless ``in_place`` (see :func:`apply_user_batch`).
+    unless ``in_place`` (see :func:`apply_user_batch`). The forwards become entries
+    (:func:`forward_entries`) for :func:`apply_item_entries`, which the live worker calls on
+    what it decodes from forward packs directly.
     """
+    vecs: list[Vec] = []
+    flat: list[float] = []
+    work = [(iid, state, forward_entries(forwards, vecs, flat)) for iid, state, forwards in batch]
+    U = _rows(vecs, cfg.dim) if vecs else None
+    return _apply_item_entries_batch(work, cfg, U, score_array(flat), in_place)
+
+
+def apply_item_entries(
+    batch: Sequence[tuple[str, ItemState | None, Sequence[ItemEntry]]],
+    cfg: CoreConfig,
+    U: npt.NDArray[np.float32] | None,
+    S: npt.NDArray[np.float64],
+    *,
+    in_place: bool = False,
+) -> list[ItemState]:
+    """Apply each item's entries (arrival order), whose rows index ``U`` and score indexes ``S``.
+
+    :func:`apply_item_batch` on the forwards the entries stand for gives the same states.
+    """
+    return _apply_item_entries_batch(batch, cfg, U, S, in_place)
+
+
+def _apply_item_entries_batch(
+    batch: Sequence[tuple[str, ItemState | None, Sequence[ItemEntry]]], cfg: CoreConfig, U: Any, S: Any, in_place: bool
+) -> list[ItemState]:
+    # the body of apply_item_entries: a function without keyword-only arguments, which state.pxd can declare
     news: list[ItemState] = []
-    steps: list[list[Forward]] = []
-    for iid, state, forwards in batch:
+    steps: list[list[ItemEntry]] = []
+    ids: list[str] = []
+    for iid, state, entries in batch:
         new = ItemState() if state is None else state if in_place else state.copy()
-        steps.append(_apply_item_forwards(new, iid, forwards, cfg))
+        steps.append(_apply_item_entries(new, iid, entries, cfg, U, S))
         news.append(new)
-    _item_steps(news, steps, cfg, [iid for iid, _, _ in batch])
+        ids.append(iid)
+    _item_steps(news, steps, cfg, ids, U, S)
     return news
 
 
 def _item_steps(
-    news: list[ItemState], steps: list[list[Forward]], cfg: CoreConfig, ids: list[str] | None = None
+    news: list[ItemState],
+    steps: list[list[ItemEntry]],
+    cfg: CoreConfig,
+    ids: list[str] | None = None,
+    U: Any = None,
+    S: Any = None,
 ) -> None:
     n_steps = list(map(len, steps))
     order = sorted([j for j, n in enumerate(n_steps) if n], key=n_steps.__getitem__, reverse=True)  # stable
@@ -855,36 +941,39 @@ def _item_steps(
     V = _rows([news[j].vector for j in order], dim)  # type: ignore[misc]
     reg = np.float32(cfg.reg)
     lr_of = {t: cfg.lr * POSITIVE_WEIGHTS.get(t, 0.0) for t in EventType}
-    for m, fws, sizes, rows in _rounds([steps[j] for j in order], cfg.max_rounds):
-        # one pass over the round's forwards: each field is read once (a NamedTuple field is a
-        # descriptor call), and the negatives are counted on the way (no set of their lengths)
-        vecs = []
-        flat: list[float] = []  # the negatives' scores, one forward after another
+    for m, es, sizes, rows in _rounds([steps[j] for j in order], cfg.max_rounds):
+        # one pass over the round's entries: their user vector rows, first scores and learning rates,
+        # and whether they all have the same number of negatives
+        at = []
+        starts = []
         lrs = []
-        k = len(fws[0].neg_scores)
+        k = es[0][4]
         same_k = k > 0
-        for fw in fws:
-            vecs.append(fw.user_vector)
-            ns = fw.neg_scores
-            flat.extend(ns)
-            if len(ns) != k:
+        for e in es:
+            at.append(e[2])
+            starts.append(e[3])
+            if e[4] != k:
                 same_k = False
-            lrs.append(lr_of[fw.type])
-        Ur = _rows(vecs, dim)  # type: ignore[arg-type]
+            lrs.append(lr_of[e[0]])
+        Ur = U[at]  # the rows, bit for bit, as a new matrix
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
         if same_k:  # the usual case: the same k > 0 negatives each
-            NS = _float32s(flat).reshape(len(fws), k)
+            NS = S[np.add.outer(starts, _arange(k))].astype(np.float32)
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
-            scores = [fw.neg_scores for fw in fws]
-            k = max(map(len, scores)) or 1
-            NS = np.zeros((len(fws), k), dtype=np.float32)
-            mask = np.zeros((len(fws), k), dtype=np.float32)
-            for i, ns in enumerate(scores):
-                n = len(ns)
+            k = 1
+            for e in es:
+                if e[4] > k:
+                    k = e[4]
+            NS = np.zeros((len(es), k), dtype=np.float32)
+            mask = np.zeros((len(es), k), dtype=np.float32)
+            for i in range(len(es)):
+                e = es[i]
+                n = e[4]
                 if n:
-                    NS[i, :n] = ns
+                    s0 = e[3]
+                    NS[i, :n] = S[s0 : s0 + n]
                     mask[i, :n] = 1.0
                 else:
                     mask[i, 0] = 1.0

@@ -239,3 +239,53 @@ def test_state_values_are_head_vector_bytes_and_body() -> None:
             assert back is None
         else:
             assert back is not None and back.tolist() == vec.astype(np.float32).tolist()
+
+
+def _what_the_item_stage_reads(fw: Forward) -> tuple[Any, ...]:
+    """A forward as the item stage applies it: an upsert's fields, else the user vector and, with it, the scores."""
+    if fw.type is EventType.ITEM_UPSERT:
+        return (fw.type, fw.ts_us, None, (), (fw.event_id, fw.eligible, fw.category, fw.bootstrap))
+    vec = fw.user_vector
+    if vec is None:
+        return (fw.type, fw.ts_us, None, (), None)
+    return (fw.type, fw.ts_us, vec.tolist(), tuple(fw.neg_scores), None)
+
+
+def _entry_view(entry: Any, U: Any, S: Any) -> tuple[Any, ...]:
+    etype, ts_us, row, first, k, upsert = entry
+    if etype is EventType.ITEM_UPSERT:
+        return (etype, ts_us, None, (), upsert)
+    if row < 0:
+        return (etype, ts_us, None, (), None)
+    return (etype, ts_us, U[row].tolist(), tuple(S[first : first + k].tolist()), None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pack(), st.integers(0, 2**20), st.integers(0, 50), st.integers(0, 50), st.booleans())
+def test_forward_pack_entries_stand_for_its_forwards(
+    forwards: list[tuple[int, Forward, int]], src: int, row_base: int, score_base: int, older: bool
+) -> None:
+    """``decode_forward_entries`` (the item stage's decode) reads what ``decode_forward_pack`` does, both formats."""
+    data = _encode_pack1(src, forwards) if older else serde.encode_forward_pack(src, forwards)
+    got = serde.decode_forward_entries(data, row_base, score_base)
+    got_src, seqs, item_ids, entries, stamps, dim, vec_block, score_block = got
+    assert (got_src, seqs, stamps) == (src, [s for s, _, _ in forwards], [t for _, _, t in forwards])
+    assert item_ids == [fw.item_id for _, fw, _ in forwards]
+    # the blocks as they sit in a batch's arrays: after row_base rows and score_base scores of other packs
+    U, S = serde.entry_arrays(dim or DIM, [bytes(4 * (dim or DIM) * row_base), vec_block],
+                              [bytes(8 * score_base), score_block])  # fmt: skip
+    assert [_entry_view(e, U, S) for e in entries] == [_what_the_item_stage_reads(fw) for _, fw, _ in forwards]
+    assert all(type(e) is tuple for e in entries)
+
+
+def test_forward_pack_entries_reject_what_the_forward_decode_rejects() -> None:
+    fw = Forward("i1", "e1", EventType.CLICK, 5, "u1", np.zeros(DIM, dtype=np.float32), (1.0, 2.0))
+    data = serde.encode_forward_pack(0, [(FORWARD_SLOTS, fw, 0)])
+    with pytest.raises(StoreError, match="strings"):
+        serde.decode_forward_entries(data[:11] + struct.pack("<I", 3) + data[15:])
+    with pytest.raises(StoreError, match="too short"):
+        serde.decode_forward_entries(data[:40])
+    with pytest.raises(StoreError, match="not a forward pack"):
+        serde.decode_forward_entries(_an_item_state())
+    with pytest.raises(StoreError, match="too short"):
+        serde.decode_forward_entries(b"")

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams import worker
 from streams.core import serde
 from streams.core.partition import partition_for
-from streams.core.state import FORWARD_SLOTS, Forward, UserState
+from streams.core.state import (
+    FORWARD_SLOTS,
+    CoreConfig,
+    Forward,
+    ItemState,
+    UserState,
+    apply_item_batch,
+    apply_item_entries,
+)
 from streams.events import EventType
 
 
@@ -145,11 +156,13 @@ def test_group_forward_packs_skips_what_a_resend_repeats() -> None:
     hwm: dict[int, int] = {}
     touched: set[int] = set()
     stamps: list[int] = []
-    per_item, read, resent = worker._group_forward_packs([_msg(0, pack1), _msg(1, pack2)], hwm, touched, stamps)
+    per_item, U, S, read, resent = worker._group_forward_packs([_msg(0, pack1), _msg(1, pack2)], hwm, touched, stamps)
     assert (read, resent, hwm, touched, stamps) == (4, 1, {7: 3}, {7}, [10, 20, 30])
-    assert per_item["i1"][0] == [0, 1] and [f.event_id for f in per_item["i1"][1]] == ["e1", "e3"]
-    assert per_item["i2"][0] == [0]
-    again, read, resent = worker._group_forward_packs([_msg(2, pack2)], hwm, set(), [])
+    # entries are (type, ts_us, row, first score, scores, upsert): the forwards e1 and e3 (ts 1001, 1003)
+    assert per_item["i1"][0] == [0, 1] and [e[1] for e in per_item["i1"][1]] == [1_001, 1_003]
+    assert per_item["i2"][0] == [0] and [e[1] for e in per_item["i2"][1]] == [1_002]
+    assert U is None and len(S) == 0  # no user vectors, no scores
+    again, _, _, read, resent = worker._group_forward_packs([_msg(2, pack2)], hwm, set(), [])
     assert (again, read, resent) == ({}, 2, 2)
 
 
@@ -176,3 +189,71 @@ def test_lowest_and_highest_are_min_and_max() -> None:
         assert (worker._lowest(xs), worker._highest(xs)) == (min(xs), max(xs))
     with pytest.raises(IndexError):
         worker._lowest([])
+
+
+@st.composite
+def _item_forwards(draw: Any) -> list[tuple[int, Forward, int]]:
+    """(seq, forward, ts ms) of a few source records: views and clicks with user vectors and 0-3 negatives'
+    scores (mostly the same number), impressions without, and upserts (eligibility, a bootstrap vector)."""
+    out: list[tuple[int, Forward, int]] = []
+    k = draw(st.integers(1, 3))
+    floats = st.floats(-2, 2, allow_nan=False, width=32)
+    for pos in range(draw(st.integers(1, 40))):
+        item = f"i{draw(st.integers(0, 4))}"
+        ts_us = 1_795_341_600_000_000 + draw(st.integers(-(10**10), 10**10))
+        kind = draw(st.sampled_from(["view", "click", "click", "impression", "upsert"]))
+        if kind == "upsert":
+            boot = draw(st.none() | st.just(tuple(draw(st.lists(floats, min_size=_CFG.dim, max_size=_CFG.dim)))))
+            fw = Forward(item, f"e{pos}", EventType.ITEM_UPSERT, ts_us, None, None, (), draw(st.booleans()),
+                         draw(st.none() | st.just("c")), boot)  # fmt: skip
+        elif kind == "impression":
+            fw = Forward(item, f"e{pos}", EventType.IMPRESSION, ts_us, "u1")
+        else:
+            vec = np.array(draw(st.lists(floats, min_size=_CFG.dim, max_size=_CFG.dim)), dtype=np.float32)
+            n = draw(st.sampled_from([k, k, k, 0, 2]))
+            scores = tuple(draw(st.lists(st.floats(-3, 3, allow_nan=False), min_size=n, max_size=n)))
+            fw = Forward(item, f"e{pos}", EventType(kind), ts_us, "u1", vec, scores)
+        out.append((pos * FORWARD_SLOTS, fw, 1_000 + pos))
+    return out
+
+
+_CFG = CoreConfig(dim=4, max_rounds=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_item_forwards(), st.integers(1, 3), st.booleans())
+def test_the_item_stage_applies_pack_entries_as_the_core_applies_their_forwards(
+    forwards: list[tuple[int, Forward, int]], n_packs: int, with_states: bool
+) -> None:
+    """Packs -> ``_group_forward_packs`` -> ``apply_item_entries`` (live) equals ``apply_item_batch`` (replay).
+
+    Several packs per batch (the entries index one matrix and score array across them), one of them
+    re-sent in part; items with and without a state; more forwards per item than rounds; upserts with
+    bootstrap vectors between embedding steps; ragged negatives.
+    """
+    cuts = sorted({len(forwards) * c // n_packs for c in range(n_packs + 1)})
+    packs = [serde.encode_forward_pack(7, forwards[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    packs.insert(1, packs[0])  # a re-send: skipped, its blocks too
+    start: dict[str, ItemState | None] = {f"i{j}": None for j in range(5)}
+    if with_states:
+        vec = np.full(_CFG.dim, 0.25, dtype=np.float32)
+        warm = [(f"i{j}", None, [Forward(f"i{j}", "w", EventType.CLICK, 1_795_341_000_000_000, "u0", vec, (0.5,))])
+                for j in range(3)]  # fmt: skip
+        for (iid, _, _), st_ in zip(warm, apply_item_batch(warm, _CFG), strict=True):
+            start[iid] = st_
+    per_item, U, S, read, resent = worker._group_forward_packs([_msg(i, p) for i, p in enumerate(packs)], {}, set(), [])
+    assert read - resent == len(forwards)
+    live = apply_item_entries(
+        [(iid, start[iid] and start[iid].copy(), es) for iid, (_, es) in per_item.items()],
+        _CFG,
+        U,
+        S,  # type: ignore[union-attr]
+    )
+    by_item: dict[str, list[Forward]] = {}
+    for _, fw, _ in forwards:
+        by_item.setdefault(fw.item_id, []).append(fw)
+    assert list(by_item) == list(per_item)
+    replay = apply_item_batch([(iid, start[iid], fws) for iid, fws in by_item.items()], _CFG)
+    for a, b in zip(live, replay, strict=True):
+        assert serde.item_digest(a) == serde.item_digest(b)
+        assert serde.encode_item(a) == serde.encode_item(b)  # vectors too, bit for bit
