@@ -4,18 +4,17 @@ import cython
 
 # positions, seqs and times as C integers: Kafka offsets and timestamps, and event times in us (years
 # 1-9999), are int64
-@cython.locals(ints=list, strs=list, extras=list, vectors=list, scores_flat=list, values=dict, k=Py_ssize_t,
-               dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
-               seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
+@cython.locals(ints=list, strs=list, extras=list, vectors=list, scores_flat=list, numbers=dict, items=dict,
+               k=Py_ssize_t, dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
+               n=Py_ssize_t, seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
                ts_us=cython.longlong, ts_ms=cython.longlong, g_ts_us=cython.longlong, g_ts_ms=cython.longlong,
                native=bint, extended=bint, new_group=bint)
 cpdef bytes encode_forward_pack(object src, object forwards)
 
 @cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,
-               types=dict, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t, si_f=Py_ssize_t,
-               k=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t,
-               code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,
-               fw=tuple)
+               items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t,
+               xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t, n_ints=Py_ssize_t, code=cython.longlong,
+               flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple)
 cpdef tuple decode_forward_pack(object data)
 
 @cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t, vecs=list, flat=tuple)
@@ -31,10 +30,13 @@ cpdef bytes _pack(object vector, object body)
 
 cpdef list _buckets_out(object buckets)
 
-@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, types=dict,
-               row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t,
-               n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, dim=Py_ssize_t,
-               at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t, code=cython.longlong, flags=cython.longlong,
-               shift=int, mask=cython.longlong, base=cython.longlong, pos=cython.longlong,
-               ts_us=cython.longlong, ts_ms=cython.longlong)
+@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, items=list,
+               types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
+               si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t,
+               n_scores=Py_ssize_t, count=Py_ssize_t, dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,
+               code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,
+               d=cython.longlong, pos=cython.longlong, ts_us=cython.longlong, ts_ms=cython.longlong, entry=tuple)
 cpdef tuple decode_forward_entries(object data, Py_ssize_t row_base=*, Py_ssize_t score_base=*)
+
+cpdef _check_used(bint v3, tuple head, Py_ssize_t n, Py_ssize_t rows, Py_ssize_t scores, Py_ssize_t strs,
+                  Py_ssize_t n_strs, Py_ssize_t extras, Py_ssize_t n_extras)

@@ -8,8 +8,9 @@ formats they do not know.
 
 A forward pack (topic ``events.by-item``) holds all of one user-stage batch's forwards bound for one
 item partition, grouped by source record (the shared event fields once, then each item with its
-forward sub-index), user vectors as one float32 block and negatives' scores as one float64 block;
-see :func:`encode_forward_pack`.
+forward sub-index, each item's id once), user vectors as one float32 block and negatives' scores as
+one float64 block; see :func:`encode_forward_pack`. The item stage decodes it with
+:func:`decode_forward_entries`.
 
 ``feature_digest`` is the canonical encoding of the deterministic part of a
 state: what replay parity checksums compare (vectors and offsets excluded).
@@ -26,7 +27,6 @@ import orjson
 
 from streams.core.state import (
     FORWARD_SLOTS,
-    TYPE_VALUE,
     Forward,
     ItemEntry,
     ItemState,
@@ -47,6 +47,7 @@ __all__ = [
     "decode_forward_pack",
     "decode_forward_entries",
     "entry_arrays",
+    "WIRE_TYPES",
     "vector_of",
     "user_digest",
     "item_digest",
@@ -56,12 +57,27 @@ FORMAT = 1
 _HEAD = struct.Struct("<BH")
 _TYPES = {t.value: t for t in EventType}
 _UPSERT = EventType.ITEM_UPSERT
-#: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK2 is
-#: written, PACK (nested lists per group and entry, the format before) still read
+#: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK3 is
+#: written; PACK2 (type names, every entry's item id) and PACK (nested lists per group and entry), the
+#: formats before, are still read
 PACK = 0x46
 PACK2 = 0x47
+PACK3 = 0x48
 _PACK_HEAD = struct.Struct("<BHII")
-_PACK2_HEAD = struct.Struct("<BHIII")
+_PACK23_HEAD = struct.Struct("<BHIII")
+#: PACK3's numbers of the event types. Append only: a number, once written, keeps its type.
+WIRE_TYPES = (
+    EventType.VIEW,
+    EventType.CLICK,
+    EventType.ADD_TO_CART,
+    EventType.PURCHASE,
+    EventType.IMPRESSION,
+    EventType.ITEM_UPSERT,
+)
+_WIRE_TYPES = WIRE_TYPES
+_TYPE_NUMBER = {t: i for i, t in enumerate(WIRE_TYPES)}
+if set(WIRE_TYPES) != set(EventType):
+    raise ImportError("every EventType needs a forward pack number: append it to serde.WIRE_TYPES")
 _ndarray = np.ndarray
 _new = tuple.__new__
 _SLOT_BITS = FORWARD_SLOTS.bit_length() - 1  # seq >> _SLOT_BITS is the source position
@@ -202,29 +218,35 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
 
     ``src`` is the source partition id the item stage keeps a high-water mark for, and ``seq`` a
     forward's number there (``position * FORWARD_SLOTS + sub``, :func:`streams.core.state.forward_seqs`).
-    Layout (format ``PACK2``): ``PACK2 | dim uint16 | vectors uint32 | scores uint32 | strings uint32 |
+    Layout (format ``PACK3``): ``PACK3 | dim uint16 | vectors uint32 | scores uint32 | entries uint32 |
     vectors x dim float32 | scores x float64 | orjson body``. The body is ``[src, ints, strs, extras]``,
     flat lists read in step, one entry (forward) after another:
 
     * ``ints``: the entry's code ``sub + FORWARD_SLOTS * (new_group + 2 * has_vector + 4 * extended +
-      8 * k)``, then, when it starts a group, the group's position, event time (us) and record ts (ms),
-      each as the difference from the previous group's (small numbers: cheap to write and read);
-    * ``strs``: when the entry starts a group, the group's event id, type value and user id; then the
-      entry's item id;
+      8 * new_item + 16 * k)``; then, when it starts a group, the group's position, event time (us) and
+      record ts (ms), each as the difference from the previous group's (small numbers: cheap to write
+      and read), and its type's number (:data:`WIRE_TYPES`); then, when its item is not new in the pack,
+      the item's number (the items in order of first appearance);
+    * ``strs``: when the entry starts a group, the group's event id and user id; then, when its item is
+      new in the pack, the item id;
     * ``extras``: for an extended entry (not eligible, or a category or bootstrap vector: upserts), its
       eligible, category and bootstrap.
 
-    Consecutive forwards of one source record share a group (the event fields once). With
-    ``has_vector`` the next vector row is the entry's user vector; the next ``k`` scores are its
-    negatives' scores. Scores travel as float64: exact for any Python or float32 value.
+    Consecutive forwards of one source record share a group (the event fields once), and an item's id
+    is written once a pack (a pack's forwards are mostly about a few popular items: the item stage
+    then parses and looks up each id once). With ``has_vector`` the next vector row is the entry's
+    user vector; the next ``k`` scores are its negatives' scores. Scores travel as float64: exact for
+    any Python or float32 value.
     """
     ints: list[Any] = []
     strs: list[Any] = []
     extras: list[Any] = []
     vectors: list[Vec] = []
     scores_flat: list[float] = []
+    items: dict[str, int] = {}  # item id -> its number in this pack
     dim = -1
     prev = -1
+    n = 0
     # the current group's position and fields, which the next group's are written relative to
     pos = last_pos = -1
     g_event: Any = None
@@ -234,21 +256,26 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
     shift = _SLOT_BITS
     slots = FORWARD_SLOTS
     mask = slots - 1
-    values = TYPE_VALUE
+    numbers = _TYPE_NUMBER
     native = True  # every user vector a native float32 ndarray: the block is their bytes joined
     for seq, f, ts_ms in forwards:
         if seq <= prev:
             raise ValueError(f"forward seqs must increase ({seq} after {prev})")
         prev = seq
+        n += 1
         item_id, event_id, etype, ts_us, user_id, uv, scores, eligible, category, bootstrap = f
         pos = seq >> shift
         k = len(scores)
-        flags = 8 * k
+        flags = 16 * k
         if uv is not None:
             flags += 2
         extended = not (eligible is True and category is None and bootstrap is None)
         if extended:
             flags += 4
+        number = items.get(item_id)
+        if number is None:
+            items[item_id] = len(items)
+            flags += 8
         new_group = (
             pos != last_pos or event_id != g_event or etype is not g_type or ts_us != g_ts_us
             or user_id != g_user or ts_ms != g_ts_ms
@@ -258,14 +285,17 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
             ints.append(pos - max(last_pos, 0))
             ints.append(ts_us - g_ts_us)
             ints.append(ts_ms - g_ts_ms)
+            ints.append(numbers[etype])
             strs.append(event_id)
-            strs.append(values[etype])
             strs.append(user_id)
             last_pos = pos
             g_event, g_type, g_ts_us, g_user, g_ts_ms = event_id, etype, ts_us, user_id, ts_ms
         else:
             ints.append(flags * slots + (seq & mask))
-        strs.append(item_id)
+        if number is None:
+            strs.append(item_id)
+        else:
+            ints.append(number)
         if k:
             scores_flat.extend(scores)
         if uv is not None:
@@ -280,7 +310,7 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
             extras.append(eligible)
             extras.append(category)
             extras.append(None if bootstrap is None else _floats(bootstrap))
-    head_bytes = _PACK2_HEAD.pack(PACK2, max(dim, 0), len(vectors), len(scores_flat), len(strs))
+    head_bytes = _PACK23_HEAD.pack(PACK3, max(dim, 0), len(vectors), len(scores_flat), n)
     block = b""
     if vectors:
         if native:
@@ -322,22 +352,22 @@ def _pack_blocks(
 def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack -> (source partition id, seqs, forwards, source record ts ms), in pack order.
 
-    Reads both formats: ``PACK2`` (:func:`encode_forward_pack`) and the older ``PACK``
-    (:func:`_decode_pack1`; records written before an upgrade may still be in flight).
+    Reads every format: ``PACK3`` (:func:`encode_forward_pack`) and the older ``PACK2`` and ``PACK``
+    (:func:`_decode_pack1`; records written before an upgrade may still be in flight). The item stage
+    reads packs with :func:`decode_forward_entries`.
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
     if data[0] == PACK:
         return _decode_pack1(data)
-    head, vecs, flat, body = _pack_blocks(data, _PACK2_HEAD, PACK2)
-    rows, n_scores, n_strs = head[2], head[3], head[4]
+    v3, head, vecs, flat, body = _pack23(data)
     src, ints, strs, extras = body
-    if len(strs) != n_strs:
-        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {n_strs}")
     seqs: list[int] = []
     forwards: list[Forward] = []
     stamps: list[int] = []
+    items: list[str] = []
     types = _TYPES
+    wire = _WIRE_TYPES
     shift = _SLOT_BITS
     mask = FORWARD_SLOTS - 1
     row = si = ii = xi = si_f = 0
@@ -346,44 +376,76 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     etype: Any = None
     user_id: Any = None
     n_ints = len(ints)
-    while si < n_strs:
-        if ii >= n_ints:
-            raise StoreError("forward pack ends inside an entry")
-        code = ints[ii]
-        ii += 1
-        flags = code >> shift
-        if flags & 1:
-            pos += ints[ii]
-            ts_us += ints[ii + 1]
-            ts_ms += ints[ii + 2]
-            ii += 3
-            event_id = strs[si]
-            etype = types[strs[si + 1]]
-            user_id = strs[si + 2]
-            si += 3
-            base = pos << shift
-        item_id = strs[si]
-        si += 1
-        k = flags >> 3
-        vec = None
-        if flags & 2:
-            vec = vecs[row]
-            row += 1
-        neg = flat[si_f : si_f + k] if k else ()
-        si_f += k
-        if flags & 4:
-            bootstrap = extras[xi + 2]
-            fw = (item_id, event_id, etype, ts_us, user_id, vec, neg, extras[xi], extras[xi + 1],
-                  None if bootstrap is None else tuple(bootstrap))  # fmt: skip
-            xi += 3
-        else:
-            fw = (item_id, event_id, etype, ts_us, user_id, vec, neg, True, None, None)
-        seqs.append(base + (code & mask))
-        forwards.append(_new(Forward, fw))
-        stamps.append(ts_ms)
-    if row != rows or si_f != n_scores or ii != n_ints or xi != len(extras):
-        raise StoreError(f"forward pack holds {rows} vectors and {n_scores} scores, its entries use {row} and {si_f}")
+    try:
+        while ii < n_ints:
+            code = ints[ii]
+            ii += 1
+            flags = code >> shift
+            if flags & 1:
+                pos += ints[ii]
+                ts_us += ints[ii + 1]
+                ts_ms += ints[ii + 2]
+                event_id = strs[si]
+                if v3:
+                    etype = wire[ints[ii + 3]]
+                    user_id = strs[si + 1]
+                    ii += 4
+                    si += 2
+                else:
+                    etype = types[strs[si + 1]]
+                    user_id = strs[si + 2]
+                    ii += 3
+                    si += 3
+                base = pos << shift
+            if not v3 or flags & 8:
+                item_id = strs[si]
+                si += 1
+                items.append(item_id)
+            else:
+                item_id = items[ints[ii]]
+                ii += 1
+            k = flags >> 4 if v3 else flags >> 3
+            vec = None
+            if flags & 2:
+                vec = vecs[row]
+                row += 1
+            neg = flat[si_f : si_f + k] if k else ()
+            si_f += k
+            if flags & 4:
+                bootstrap = extras[xi + 2]
+                fw = (item_id, event_id, etype, ts_us, user_id, vec, neg, extras[xi], extras[xi + 1],
+                      None if bootstrap is None else tuple(bootstrap))  # fmt: skip
+                xi += 3
+            else:
+                fw = (item_id, event_id, etype, ts_us, user_id, vec, neg, True, None, None)
+            seqs.append(base + (code & mask))
+            forwards.append(_new(Forward, fw))
+            stamps.append(ts_ms)
+    except (IndexError, KeyError) as exc:
+        raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
+    _check_used(v3, head, len(forwards), row, si_f, si, len(strs), xi, len(extras))
     return src, seqs, forwards, stamps
+
+
+def _pack23(data: bytes) -> tuple[bool, tuple[int, ...], list[Vec], tuple[float, ...], Any]:
+    """:func:`_pack_blocks` of a ``PACK3`` or ``PACK2`` record, and whether it is ``PACK3``."""
+    v3 = data[0] == PACK3
+    head, vecs, flat, body = _pack_blocks(data, _PACK23_HEAD, PACK3 if v3 else PACK2)
+    if not v3 and len(body[2]) != head[4]:
+        raise StoreError(f"forward pack holds {len(body[2])} strings, its head says {head[4]}")
+    return v3, head, vecs, flat, body
+
+
+def _check_used(
+    v3: bool, head: tuple[int, ...], n: int, rows: int, scores: int, strs: int, n_strs: int, extras: int, n_extras: int
+) -> None:
+    """Raise unless a pack's entries used all of its vectors, scores, strings and extras (and, ``PACK3``, were all)."""
+    if v3 and n != head[4]:
+        raise StoreError(f"forward pack holds {n} entries, its head says {head[4]}")
+    if rows != head[2] or scores != head[3] or strs != n_strs or extras != n_extras:
+        raise StoreError(
+            f"forward pack holds {head[2]} vectors and {head[3]} scores, its entries use {rows} and {scores}"
+        )
 
 
 def decode_forward_entries(
@@ -396,17 +458,19 @@ def decode_forward_entries(
     :func:`decode_forward_pack` returns; their rows count from ``row_base`` and their score indexes
     from ``score_base``: where this pack's blocks (float32 rows of ``dim``, float64 scores) begin
     once a batch's blocks are joined (:func:`entry_arrays`). No :class:`Forward`, no array or tuple
-    per forward: that halved the item stage's decode. Reads both formats, as ``decode_forward_pack``.
+    per forward (that took a quarter off the item stage's decode), and in ``PACK3`` one string per
+    item, which every entry of the item shares (its hash computed once). Reads every format.
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
     if data[0] == PACK:
         return _pack1_entries(data, row_base, score_base)
-    head = _PACK2_HEAD
+    head = _PACK23_HEAD
     if len(data) < head.size:
         raise StoreError("forward pack too short")
-    fmt, dim, rows, n_scores, n_strs = head.unpack_from(data)
-    if fmt != PACK2:
+    fmt, dim, rows, n_scores, count = head.unpack_from(data)
+    v3 = fmt == PACK3
+    if not v3 and fmt != PACK2:
         raise StoreError(f"not a forward pack (first byte {fmt})")
     at = head.size + 4 * dim * rows
     end = at + 8 * n_scores
@@ -414,13 +478,16 @@ def decode_forward_entries(
         raise StoreError("forward pack too short")
     view = memoryview(data)
     src, ints, strs, extras = orjson.loads(view[end:])
-    if len(strs) != n_strs:
-        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {n_strs}")
+    n_strs = len(strs)
+    if not v3 and n_strs != count:
+        raise StoreError(f"forward pack holds {n_strs} strings, its head says {count}")
     seqs: list[int] = []
     item_ids: list[str] = []
     entries: list[ItemEntry] = []
     stamps: list[int] = []
+    items: list[str] = []  # PACK3: the pack's items, in order of first appearance
     types = _TYPES
+    wire = _WIRE_TYPES
     upsert = _UPSERT
     shift = _SLOT_BITS
     mask = FORWARD_SLOTS - 1
@@ -432,44 +499,68 @@ def decode_forward_entries(
     us: Any = 0
     ms: Any = 0
     n_ints = len(ints)
-    while si < n_strs:
-        if ii >= n_ints:
-            raise StoreError("forward pack ends inside an entry")
-        code = ints[ii]
-        ii += 1
-        flags = code >> shift
-        if flags & 1:
-            pos += ints[ii]
-            ts_us += ints[ii + 1]
-            ts_ms += ints[ii + 2]
-            ii += 3
-            event_id = strs[si]
-            etype = types[strs[si + 1]]
-            si += 3  # (the user id: the item stage does not read it)
-            base = pos << shift
-            us = ts_us
-            ms = ts_ms
-        item_ids.append(strs[si])
-        si += 1
-        k = flags >> 3
-        r = -1
-        if flags & 2:
-            r = row_base + row
-            row += 1
-        up: Any = None
-        if flags & 4:
-            if etype is upsert:
-                bootstrap = extras[xi + 2]
-                up = (event_id, extras[xi], extras[xi + 1], None if bootstrap is None else tuple(bootstrap))
-            xi += 3
-        elif etype is upsert:
-            up = (event_id, True, None, None)
-        entries.append((etype, us, r, score_base + si_f, k, up))
-        si_f += k
-        seqs.append(base + (code & mask))
-        stamps.append(ms)
-    if row != rows or si_f != n_scores or ii != n_ints or xi != len(extras):
-        raise StoreError(f"forward pack holds {rows} vectors and {n_scores} scores, its entries use {row} and {si_f}")
+    try:
+        while ii < n_ints:
+            code = ints[ii]
+            ii += 1
+            flags = code >> shift
+            if flags & 1:
+                d = ints[ii]  # (a C integer each, compiled: no Python int arithmetic)
+                pos += d
+                d = ints[ii + 1]
+                ts_us += d
+                d = ints[ii + 2]
+                ts_ms += d
+                event_id = strs[si]
+                if v3:
+                    etype = wire[ints[ii + 3]]
+                    ii += 4
+                    si += 2  # (the user id: the item stage does not read it)
+                else:
+                    etype = types[strs[si + 1]]
+                    ii += 3
+                    si += 3
+                base = pos << shift
+                us = ts_us
+                ms = ts_ms
+            if not v3:
+                item_ids.append(strs[si])
+                si += 1
+                k = flags >> 3
+            else:
+                if flags & 8:
+                    items.append(strs[si])
+                    si += 1
+                    item_ids.append(items[len(items) - 1])
+                else:
+                    j = ints[ii]
+                    ii += 1
+                    if j < 0:
+                        raise IndexError(j)
+                    item_ids.append(items[j])
+                k = flags >> 4
+            entry: ItemEntry
+            if flags & 2:
+                r = row_base + row
+                row += 1
+                entry = (etype, us, r, score_base + si_f, k, None)
+            else:
+                entry = (etype, us, -1, 0, 0, None)  # (scores without a vector: never read)
+            if flags & 4:
+                if etype is upsert:
+                    bootstrap = extras[xi + 2]
+                    up = (event_id, extras[xi], extras[xi + 1], None if bootstrap is None else tuple(bootstrap))
+                    entry = (etype, us, -1, 0, 0, up)
+                xi += 3
+            elif etype is upsert:
+                entry = (etype, us, -1, 0, 0, (event_id, True, None, None))
+            entries.append(entry)
+            si_f += k
+            seqs.append(base + (code & mask))
+            stamps.append(ms)
+    except (IndexError, KeyError) as exc:
+        raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
+    _check_used(v3, (fmt, dim, rows, n_scores, count), len(entries), row, si_f, si, n_strs, xi, len(extras))
     return src, seqs, item_ids, entries, stamps, dim, view[head.size : at], view[at:end]
 
 
