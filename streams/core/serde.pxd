@@ -28,6 +28,7 @@ cpdef tuple _decode_pack1(object data)
 @cython.locals(dim=Py_ssize_t)
 cpdef bytes _pack(object vector, object body)
 
+@cython.locals(out=list, v=list)
 cpdef list _buckets_out(object buckets)
 
 @cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, items=list,

@@ -179,7 +179,20 @@ def decode_user(data: bytes) -> UserState:
 
 
 def _buckets_out(buckets: dict[int, list[int]]) -> list[list[int]]:
-    return [[k, *buckets[k]] for k in sorted(buckets)]  # sorting the keys: no (key, value) tuple per bucket
+    """The rows ``[index, impressions, clicks, positives]`` of ``buckets``, by index.
+
+    Sorting the keys: no (key, value) tuple per bucket; a row of a 3-count bucket built with its
+    four items (compiled, a fixed-size list, not a list extended by the counts: a third of the cost
+    of an item state's encoding went to these rows).
+    """
+    out: list[list[int]] = []
+    for k in sorted(buckets):
+        v = buckets[k]
+        if len(v) == 3:
+            out.append([k, v[0], v[1], v[2]])
+        else:
+            out.append([k, *v])
+    return out
 
 
 def _buckets_in(rows: list[list[int]]) -> dict[int, list[int]]:

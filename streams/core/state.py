@@ -147,6 +147,7 @@ _copy = np.ndarray.copy
 _U64LE = np.dtype("<u8")
 _pack = struct.pack
 _arange = np.arange
+_INTP = np.dtype(np.intp)
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -955,11 +956,13 @@ def _item_steps(
             if e[4] != k:
                 same_k = False
             lrs.append(lr_of[e[0]])
-        Ur = U[at]  # the rows, bit for bit, as a new matrix
+        # the rows and scores, bit for bit, as new arrays: ``take`` copies rows in a tight loop (half the
+        # cost of ``U[at]``), and an intp array of the starts skips numpy's type discovery
+        Ur = U.take(at, 0)
         Ve = V[rows]
         pos = np.einsum("fd,fd->f", Ur, Ve)
         if same_k:  # the usual case: the same k > 0 negatives each
-            NS = S[np.add.outer(starts, _arange(k))].astype(np.float32)
+            NS = S.take(np.array(starts, _INTP)[:, None] + _arange(k)).astype(np.float32)
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
             k = 1

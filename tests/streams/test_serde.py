@@ -437,3 +437,9 @@ def test_forward_pack_entries_reject_what_the_forward_decode_rejects() -> None:
         serde.decode_forward_entries(_an_item_state())
     with pytest.raises(StoreError, match="too short"):
         serde.decode_forward_entries(b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(-(2**40), 2**40), st.lists(st.integers(0, 2**31), min_size=0, max_size=5)))
+def test_bucket_rows_are_each_index_then_its_counts_by_index(buckets: dict[int, list[int]]) -> None:
+    assert serde._buckets_out(buckets) == [[k, *buckets[k]] for k in sorted(buckets)]
