@@ -39,7 +39,7 @@ cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fre
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog) except -1
 
-@cython.locals(per_part=dict, mine=list, t=tuple, fws=list, i=Py_ssize_t)
+@cython.locals(per_part=list, found=list, mine=list, t=tuple, fws=list, i=Py_ssize_t, n=Py_ssize_t)
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 

@@ -491,7 +491,10 @@ def _send_forward_packs(
     ``on_delivery`` is each pack's delivery callback.
     """
     forwards.sort(key=_first)
-    per_part: dict[int, list[tuple[int, Forward, int]]] = {}
+    # each item partition's forwards, by partition number (a list: no dict lookup a forward), and the
+    # partitions in order of first appearance (the order their packs are produced in)
+    per_part: list[list[tuple[int, Forward, int]] | None] = [None] * partitions
+    found: list[int] = []
     for t in forwards:
         iid = t[1].item_id
         p = part_memo.get(iid)
@@ -499,12 +502,16 @@ def _send_forward_packs(
             if len(part_memo) >= _ITEM_PART_MEMO:  # bounded: 1M items would hold ~100 MB
                 part_memo.clear()
             p = part_memo[iid] = partition_for(iid, partitions)
-        mine = per_part.get(p)
+        n = p  # (a C index, compiled)
+        mine = per_part[n]
         if mine is None:
-            per_part[p] = [t]
+            per_part[n] = [t]
+            found.append(p)
         else:
             mine.append(t)
-    for p, fws in per_part.items():
+    for p in found:
+        fws = per_part[p]
+        assert fws is not None
         for i in range(0, len(fws), PACK_FORWARDS):
             chunk = fws[i : i + PACK_FORWARDS]
             _send(producer, topic, serde.encode_forward_pack(src, chunk), None, p, chunk[0][2], on_delivery)
