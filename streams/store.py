@@ -30,7 +30,7 @@ __all__ = ["Store", "MemoryStore", "RocksStore", "open_store", "STATE_PREFIX", "
 STATE_PREFIX = b"k"
 META_PREFIX = b"\x00"
 
-#: hash buckets of a RocksDB memtable (8 bytes each; a shard holds ~users / partitions distinct keys)
+#: hash buckets of a RocksDB memtable (8 bytes each: 512 KiB a shard; a shard holds ~users / partitions keys)
 MEMTABLE_BUCKETS = 1 << 16
 
 
