@@ -26,7 +26,10 @@ cpdef tuple _pack_blocks(object data, object head, object fmt)
                n_scores=Py_ssize_t, fw=tuple)
 cpdef tuple _decode_pack1(object data)
 
-@cython.locals(dim=Py_ssize_t)
+@cython.locals(dim=Py_ssize_t, spare=dict)
 cpdef bytes _pack(object vector, object body)
 
 cpdef list _buckets_out(object buckets)
+
+@cython.locals(dim=Py_ssize_t, end=Py_ssize_t)
+cpdef tuple _split(object data)
