@@ -178,7 +178,7 @@ def test_fast_decoder_edge_cases(raw: bytes) -> None:
 def test_fast_path_unpacks_the_structs_in_field_order() -> None:
     # decode unpacks msgspec.structs.astuple(...) positionally
     assert codec._FastEvent.__struct_fields__ == (
-        "event_id", "type", "event_time", "schema_version", "user_id", "item_id", "context", "items",
+        "event_id", "type", "user_id", "event_time", "schema_version", "context", "item_id", "items",
         "request_id", "propensity", "eligible", "category", "vector",
     )  # fmt: skip
     assert codec._FastContext.__struct_fields__ == Context._fields
