@@ -224,13 +224,6 @@ _I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the s
 _FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
 
 
-class _FastContext(msgspec.Struct, gc=False):
-    surface: str | None = None
-    session_id: str | None = None
-    device: str | None = None
-    position: Annotated[int, msgspec.Meta(ge=0, le=_I64)] | None = None
-
-
 # (the fields in the order that producers write the keys, ``streams.producer.synthetic_events``: msgspec
 # looks a key up from the field after the last one found, ~500 instructions an event less than in the
 # order of ``to_dict``; kw_only: a required field may follow optional ones)
@@ -240,7 +233,7 @@ class _FastEvent(msgspec.Struct, gc=False, kw_only=True):
     user_id: _FastId | None = None
     event_time: str
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
-    context: _FastContext | None = None
+    context: Context | None = None  # (straight into the event's type; ``decode`` checks its position)
     item_id: _FastId | None = None
     items: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)] | None = None
     request_id: str | None = None
@@ -253,7 +246,6 @@ class _FastEvent(msgspec.Struct, gc=False, kw_only=True):
 _FAST = msgspec.json.Decoder(_FastEvent)
 _fast_decode = _FAST.decode  # bound once: a method lookup per event costs ~300 instructions
 _astuple = msgspec.structs.astuple  # one C call for all fields (attribute reads are ~100 ns each)
-_tuple_new = tuple.__new__
 _isascii = bytes.isascii  # (the unbound method: ~200 instructions less than looking ``data.isascii`` up)
 #: a memo of parsed event times (a log's neighbouring events often share a timestamp string)
 _TIMES: dict[str, int] = {}
@@ -429,12 +421,15 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
         eligible = raw_e
         if raw_v is not None:
             vector = tuple(raw_v)
-    # _FastContext's fields are Context's, in order
-    ctx = _NO_CONTEXT if c is None else _tuple_new(Context, _astuple(c))
-    return _tuple_new(Event, (  # every field, in order: skips the NamedTuple's generated __new__
-        event_id, etype, ts_us, user_id, item_id, version, ctx, items, request_id, propensity, eligible, category,
-        vector,
-    ))  # fmt: skip
+    if c is None:
+        c = _NO_CONTEXT
+    else:  # (Context's own type takes any integer position: from_dict's check, and orjson's int64 limit)
+        position = c.position
+        if position is not None and not 0 <= position <= _I64:
+            return decode_strict(data, ref_us)
+    return Event(  # every field, in order (positional: a Struct takes them in one C call)
+        event_id, etype, ts_us, user_id, item_id, version, c, items, request_id, propensity, eligible, category, vector
+    )
 
 
 def format_time(ts_us: int) -> str:
