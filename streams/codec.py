@@ -221,20 +221,20 @@ def decode_strict(data: bytes, ref_us: int | None = None) -> Event:
 # type, an integer orjson would read as a float) goes to decode_strict, which then accepts it or
 # names the reason. A property test checks that both decoders agree on arbitrary input.
 _I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the strict path
-_FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+_ID_LEN = MAX_ID_LEN  # (a C constant in the compiled build: ``decode`` checks the ids' lengths)
 
 
 # (the fields in the order that producers write the keys, ``streams.producer.synthetic_events``: msgspec
 # looks a key up from the field after the last one found, ~500 instructions an event less than in the
 # order of ``to_dict``; kw_only: a required field may follow optional ones)
 class _FastEvent(msgspec.Struct, gc=False, kw_only=True):
-    event_id: _FastId
+    event_id: str  # (the ids' lengths: ``decode`` checks them, ~250 instructions an event less than msgspec.Meta)
     type: EventType
-    user_id: _FastId | None = None
+    user_id: str | None = None
     event_time: str
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
     context: Context | None = None  # (straight into the event's type; ``decode`` checks its position)
-    item_id: _FastId | None = None
+    item_id: str | None = None
     items: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)] | None = None
     request_id: str | None = None
     propensity: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
@@ -388,9 +388,17 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
     # _FastEvent's fields, in order
     (event_id, etype, user_id, event_time, version, c, item_id, raw_items, request_id, raw_p, raw_e, category,
      raw_v) = _astuple(w)  # fmt: skip
-    if user_id is None and etype in _NEEDS_USER:
+    if not 0 < len(event_id) <= _ID_LEN:
         return decode_strict(data, ref_us)
-    if item_id is None and etype in _NEEDS_ITEM:
+    if user_id is None:
+        if etype in _NEEDS_USER:
+            return decode_strict(data, ref_us)
+    elif not 0 < len(user_id) <= _ID_LEN:
+        return decode_strict(data, ref_us)
+    if item_id is None:
+        if etype in _NEEDS_ITEM:
+            return decode_strict(data, ref_us)
+    elif not 0 < len(item_id) <= _ID_LEN:
         return decode_strict(data, ref_us)
     ts_us = _utc_time_us(event_time)
     if ts_us is None:

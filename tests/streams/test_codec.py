@@ -191,6 +191,16 @@ def test_fast_decoder_edge_cases(raw: bytes) -> None:
     assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
 
 
+@pytest.mark.parametrize("field", ["event_id", "user_id", "item_id"])
+@pytest.mark.parametrize("value", ["", "x", "x" * 256, "x" * 257, "\U0001f600" * 256, "\U0001f600" * 257, None, 7])
+def test_fast_decoder_checks_id_lengths_as_the_strict_decoder(field: str, value: object) -> None:
+    # (the fast path checks the ids' lengths itself, in code points as from_dict does)
+    raw = orjson.dumps({**GOOD, field: value})
+    assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
+    if value == "x" * 256:
+        assert getattr(codec.decode(raw), field) == value
+
+
 def test_fast_path_unpacks_the_struct_in_field_order() -> None:
     # decode unpacks msgspec.structs.astuple(...) positionally, and builds the Event positionally
     assert codec._FastEvent.__struct_fields__ == (
