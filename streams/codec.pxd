@@ -13,5 +13,7 @@ cpdef object _utc_time_memo(str text)
 
 cpdef object _utc_time_us(str text)
 
-@cython.locals(w=object)
+cdef Py_ssize_t _ID_LEN
+
+@cython.locals(w=object, event_id=str, user_id=str, item_id=str)
 cpdef object decode(object data, object ref_us=*)

@@ -167,9 +167,9 @@ def read_movielens(path: str | Path) -> Iterator[Record]:
             "event_id": f"ml-{user}-{movie}-{ts}",
             "type": "click",
             "user_id": user,
-            "item_id": movie,
             "event_time": _iso(ts_us),
             "schema_version": 1,
+            "item_id": movie,
         }
         yield Record(user.encode(), orjson.dumps(obj), ts_us)
 

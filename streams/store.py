@@ -30,6 +30,9 @@ __all__ = ["Store", "MemoryStore", "RocksStore", "open_store", "STATE_PREFIX", "
 STATE_PREFIX = b"k"
 META_PREFIX = b"\x00"
 
+#: hash buckets of a RocksDB memtable (8 bytes each: 512 KiB a shard; a shard holds ~users / partitions keys)
+MEMTABLE_BUCKETS = 1 << 16
+
 
 class Store(Protocol):
     """What a shard store offers. Writes are atomic per call to :meth:`write`."""
@@ -91,6 +94,22 @@ class RocksStore:
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.increase_parallelism(2)
+        # The memtable is a hash table of short sorted lists, one bucket per whole key (the no-op prefix
+        # extractor), not one skiplist: a put costs a hash and a list insert instead of a search of the
+        # whole skiplist (~30 key comparisons at 50k entries). Counted with callgrind: a put 11.1k -> 6.5k
+        # instructions, a multi_get key 8.4k -> 4.4k, a scanned key 5.0k -> 10.6k (every total-order
+        # iterator sorts a copy of the memtable: scans run when a shard opens, in inspect and snapshots,
+        # and the flush's sort runs on RocksDB's thread, not the worker's). A bucket past 256 entries
+        # (a key rewritten that often before a flush) becomes a skiplist by itself. Durability and
+        # atomicity are untouched: the same WAL record per WriteBatch, the same sequence-number
+        # visibility. Hash memtables take no concurrent inserts; a shard has one writer anyway.
+        opts.set_allow_concurrent_memtable_write(False)
+        opts.set_prefix_extractor(rocksdict.SliceTransform.create_noop())
+        opts.set_memtable_factory(rocksdict.MemtableFactory.hash_link_list(MEMTABLE_BUCKETS))  # type: ignore[call-arg]  # its stub omits the argument
+        # With a prefix extractor, an iterator defaults to prefix mode, where a seek sees only the keys
+        # of the sought key's prefix (here: that one key): every iterator must ask for total order.
+        self._total_order = rocksdict.ReadOptions()
+        self._total_order.set_total_order_seek(True)
         try:
             if read_only:
                 self._db = rocksdict.Rdict(str(path), options=opts, access_type=rocksdict.AccessType.read_only())
@@ -126,7 +145,7 @@ class RocksStore:
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value) pairs under ``prefix``, in key order."""
-        it = self._db.iter()
+        it = self._db.iter(self._total_order)  # (not prefix mode: see __init__)
         it.seek(prefix)
         while it.valid():
             key = it.key()

@@ -25,7 +25,7 @@ cpdef tuple _pack_blocks(object data, object head, object fmt)
                n_scores=Py_ssize_t, fw=tuple)
 cpdef tuple _decode_pack1(object data)
 
-@cython.locals(dim=Py_ssize_t)
+@cython.locals(dim=Py_ssize_t, spare=dict)
 cpdef bytes _pack(object vector, object body)
 
 @cython.locals(out=list, v=list)
@@ -41,3 +41,6 @@ cpdef tuple decode_forward_entries(object data, Py_ssize_t row_base=*, Py_ssize_
 
 cpdef _check_used(bint v3, tuple head, Py_ssize_t n, Py_ssize_t rows, Py_ssize_t scores, Py_ssize_t strs,
                   Py_ssize_t n_strs, Py_ssize_t extras, Py_ssize_t n_extras)
+
+@cython.locals(dim=Py_ssize_t, end=Py_ssize_t)
+cpdef tuple _split(object data)

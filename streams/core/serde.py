@@ -1,10 +1,16 @@
 """Byte formats of states and forwards (pure; shared by stores, changelogs and replay).
 
-A state value is ``FORMAT(1 byte) | dim(uint16 LE) | dim x float32 LE | orjson body``.
+A state value is ``FORMAT(1 byte) | dim(uint16 LE) | dim x float32 LE | body``.
 The raw float32 block makes vectors cheap to read (serving copies them straight
 into its index) and lets an offline-trained table be bootstrapped by writing the
 same format. ``FORMAT`` is bumped whenever the body changes; readers reject
-formats they do not know.
+formats they do not know. The body is the state's field list (:func:`encode_user`,
+:func:`encode_item`) as MessagePack (``FORMAT`` 2, written since 2026-12-02; tuples
+become arrays); ``FORMAT_JSON`` (1, the format before) is the same list as orjson
+JSON and is still read: stores and changelogs written before an upgrade hold it.
+MessagePack writes an integer as binary (event times are int64 microseconds, which
+orjson spent ~350-400 instructions on each): a user state costs ~9.5k instructions
+to encode instead of ~13.5k, and ~20% fewer bytes.
 
 A forward pack (topic ``events.by-item``) holds all of one user-stage batch's forwards bound for one
 item partition, grouped by source record (the shared event fields once, then each item with its
@@ -22,6 +28,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -53,8 +60,12 @@ __all__ = [
     "item_digest",
 ]
 
-FORMAT = 1
+#: the state format written: MessagePack body
+FORMAT = 2
+#: the state format before (orjson body), still read
+FORMAT_JSON = 1
 _HEAD = struct.Struct("<BH")
+_HEAD_SIZE = _HEAD.size
 _TYPES = {t.value: t for t in EventType}
 _UPSERT = EventType.ITEM_UPSERT
 #: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK3 is
@@ -86,6 +97,10 @@ _F4 = np.dtype("<f4")
 _F8 = np.dtype("<f8")
 _frombuffer = np.frombuffer
 _dumps = orjson.dumps  # a module global: no attribute lookup on orjson per state
+#: MessagePack of a state body: an encoder and decoder object bound once (msgspec's module-level
+#: encode/decode build one per call)
+_body_into = msgspec.msgpack.Encoder().encode_into
+_body_in = msgspec.msgpack.Decoder().decode
 if 1 << _SLOT_BITS != FORWARD_SLOTS:
     raise ImportError("FORWARD_SLOTS must be a power of two for the forward pack")
 
@@ -100,37 +115,61 @@ def _floats(xs: Any) -> Any:
 
 
 def _pack(vector: Vec | None, body: Any) -> bytes:
+    # The body is written into a reused buffer: msgspec grows a fresh bytes object several times per
+    # state otherwise (~1k instructions). The spare buffer is taken out and put back (dict pop and set
+    # are atomic: threads never share one; a list's pop and append would reallocate it each time); a
+    # thread that finds it taken uses a new one, and an encoding error just drops it.
+    spare = _spare
+    buf = spare.pop(0, None)
+    if buf is None:
+        buf = bytearray()
+    _body_into(body, buf, 0)
     if vector is None:
-        return b"".join((_HEAD0, _dumps(body)))
-    dim = len(vector)
-    head = _HEADS.get(dim)
-    if head is None:
-        head = _HEAD.pack(FORMAT, dim)
-        if dim < 4096:  # a dimension is one of a few: a bounded memo
-            _HEADS[dim] = head
-    dtype = vector.dtype
-    if dtype is not _F4 and dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
-        vector = vector.astype(_F4)
-    try:  # the vector's own buffer joined in: no bytes object of it first
-        return b"".join((head, vector, _dumps(body)))  # type: ignore[arg-type]  # an ndarray is a buffer
-    except (BufferError, TypeError):  # a strided view: no contiguous buffer
-        return b"".join((head, vector.tobytes(), _dumps(body)))
+        out = b"".join((_HEAD0, buf))
+    else:
+        dim = len(vector)
+        head = _HEADS.get(dim)
+        if head is None:
+            head = _HEAD.pack(FORMAT, dim)
+            if dim < 4096:  # a dimension is one of a few: a bounded memo
+                _HEADS[dim] = head
+        dtype = vector.dtype
+        if dtype is not _F4 and dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
+            vector = vector.astype(_F4)
+        try:  # the vector's own buffer joined in: no bytes object of it first
+            out = b"".join((head, vector, buf))  # type: ignore[arg-type]  # an ndarray is a buffer
+        except (BufferError, TypeError):  # a strided view: no contiguous buffer
+            out = b"".join((head, vector.tobytes(), buf))
+    if len(buf) <= _BUFFER_KEEP:
+        spare[0] = buf
+    return out
 
 
 _HEAD0 = _HEAD.pack(FORMAT, 0)
 #: dim -> the state header of a vector of that dimension
 _HEADS: dict[int, bytes] = {}
+#: the idle buffer of :func:`_pack` (key 0), when not in use; one that grew past _BUFFER_KEEP bytes
+#: (a huge state) is not kept
+_spare: dict[int, bytearray] = {}
+_BUFFER_KEEP = 1 << 16
 
 
-def _unpack(data: bytes) -> tuple[Vec | None, Any]:
+def _split(data: bytes) -> tuple[int, Any]:
+    """A state value's dimension and decoded body (either format)."""
     if len(data) < _HEAD.size:
         raise StoreError("state value too short")
     fmt, dim = _HEAD.unpack_from(data)
-    if fmt != FORMAT:
-        raise StoreError(f"unknown state format {fmt}; this build reads format {FORMAT}")
     end = _HEAD.size + 4 * dim
-    vector = _frombuffer(data, _F4, dim, _HEAD.size).copy() if dim else None
-    return vector, orjson.loads(data[end:])
+    if fmt == FORMAT:
+        return dim, _body_in(data[end:])  # a bytes slice: cheaper than a memoryview of one state
+    if fmt == FORMAT_JSON:
+        return dim, orjson.loads(data[end:])
+    raise StoreError(f"unknown state format {fmt}; this build reads formats {FORMAT_JSON} and {FORMAT}")
+
+
+def _unpack(data: bytes) -> tuple[Vec | None, Any]:
+    dim, body = _split(data)
+    return (_frombuffer(data, _F4, dim, _HEAD.size).copy() if dim else None), body
 
 
 def item_summary(data: bytes) -> tuple[Vec | None, list[Any]]:
@@ -138,21 +177,16 @@ def item_summary(data: bytes) -> tuple[Vec | None, list[Any]]:
 
     Body layout (see :func:`encode_item`): ``[counts, b5_rows, b60_rows, max_ts, eligible, category,
     steps, version, offsets, upsert_key]`` with bucket rows ``[index, impressions, clicks, positives]``.
-    For readers that need a few fields of many items fast (the serving catalog).
+    For readers that need a few fields of many items fast (the serving catalog). Reads both formats.
     """
-    fmt, dim = _HEAD.unpack_from(data)
-    if fmt != FORMAT:
-        raise StoreError(f"unknown state format {fmt}; this build reads format {FORMAT}")
-    end = _HEAD.size + 4 * dim
-    vector = _frombuffer(data, _F4, dim, _HEAD.size) if dim else None
-    body: list[Any] = orjson.loads(data[end:])
-    return vector, body
+    dim, body = _split(data)
+    return (_frombuffer(data, _F4, dim, _HEAD.size) if dim else None), body
 
 
 def vector_of(data: bytes) -> Vec | None:
-    """Just the vector of an encoded state, without parsing the body."""
+    """Just the vector of an encoded state (either format), without parsing the body."""
     fmt, dim = _HEAD.unpack_from(data)
-    if fmt != FORMAT:
+    if fmt != FORMAT and fmt != FORMAT_JSON:
         raise StoreError(f"unknown state format {fmt}")
     return _frombuffer(data, _F4, dim, _HEAD.size) if dim else None
 

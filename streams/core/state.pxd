@@ -17,7 +17,7 @@ cpdef object _hash64s(list texts, object seed)
 
 @cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
                positives=list, new_recent=list, dups=list, late=list, late_src=list, accepted_at=list, accepted=list,
-               merged=list, recent=list, recent_n=Py_ssize_t)
+               recent=list, recent_n=Py_ssize_t, ti=Py_ssize_t)
 cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
 
 @cython.locals(counts=list)
@@ -47,14 +47,20 @@ cpdef list forward_seqs(Outcome out, object positions)
 @cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
                out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
-               evs=list, ns_rows=list, ev_rows=list, snaps=list, after=list)
+               evs=list, ns_rows=list, ev_rows=list, snaps=list, iids=list, crcs=list, lrs=list, st=tuple, eid=str)
+cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
+
+@cython.locals(lens=list, n_long=Py_ssize_t, m=Py_ssize_t, r=Py_ssize_t, q=Py_ssize_t, bounds=list, lo=list, hi=list,
+               flat=list, rounds=list)
+cpdef list _rounds(list per_key, Py_ssize_t max_rounds)
+
 @cython.locals(row=Py_ssize_t, j=Py_ssize_t, after=list)
 cpdef _store_vectors(list news, list order, object M, list n_steps)
-
-cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, es=list, e=tuple,
                at=list, starts=list, lrs=list, k=Py_ssize_t, same_k=bint, n=Py_ssize_t, i=Py_ssize_t)
 cpdef _item_steps(list news, list steps, object cfg, object ids=*, object U=*, object S=*)
 
 cpdef object _float32s(list values)
+
+cpdef object _uint64s(list values)

@@ -27,7 +27,7 @@ import itertools
 import math
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -356,12 +356,17 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
 
+#: a positive event's embedding step: its ``(item_id, event_id, type, ts_us)``, a Forward's first four fields
+_Step = tuple[str, str, EventType, int]
+
+
 def _apply_user_features(
     state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome
-) -> tuple[list[Event], list[int], list[Event]]:
+) -> tuple[list[Event], list[int], list[_Step]]:
     """Apply the order-independent features of one user's events.
 
-    Returns the accepted events, their indexes in ``events`` and the positive ones among them.
+    Returns the accepted events, their indexes in ``events`` and the steps of the positive ones
+    among them (:data:`_Step`: the fields the embedding rounds read, each read off the event once).
     Equal to applying the events one at a time, where each event that advances the
     user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
     is pruned once at the end, and an id that per-event pruning would already have
@@ -381,7 +386,7 @@ def _apply_user_features(
     dups: list[Event] | None = None
     late: list[Event] | None = None
     late_src: list[int] | None = None
-    positives: list[Event] = []
+    positives: list[_Step] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
     # the session's (event time, event id), compared without building tuples; -2**64 is below any time
@@ -415,10 +420,11 @@ def _apply_user_features(
             max_ts = ts
             horizon = ts - lateness
         etype = ev.type
-        counts[type_index[etype]] += 1
-        if etype in weights:
-            positives.append(ev)
+        ti = type_index[etype]
+        counts[ti] += 1  # a C integer index in the compiled build
         iid = ev.item_id
+        if etype in weights:
+            positives.append((iid, eid, etype, ts))  # type: ignore[arg-type]  # the codec requires item_id here
         if iid is not None:
             new_recent.append((ts, eid, iid, type_value[etype]))
         if ts > s_ts or (ts == s_ts and eid > s_eid):
@@ -449,19 +455,23 @@ def _apply_user_features(
         # is what inserting them one at a time and truncating gives (keys are unique: see above).
         # Descending: equal entries (if any) are equal values, so sorting up and reversing gives the
         # same list as ``sort(reverse=True)``, without the keyword argument (costly when compiled).
-        new_recent.sort()
-        new_recent.reverse()
+        if len(new_recent) > 1:
+            new_recent.sort()
+            new_recent.reverse()
+        # in place: ``state`` is the caller's copy (or given up, ``in_place``), like ``counts`` and ``seen``
         recent = state.recent
         if not recent or new_recent[-1] > recent[0]:  # all newer than the kept ones (live, in order)
-            merged = new_recent + recent
+            if len(new_recent) == 1:  # the usual case: ``insert`` is a direct C call, a slice assignment is not
+                recent.insert(0, new_recent[0])
+            else:
+                recent[:0] = new_recent
         else:
-            merged = recent + new_recent
-            merged.sort()
-            merged.reverse()
+            recent += new_recent
+            recent.sort()
+            recent.reverse()
         recent_n = cfg.recent_n
-        if len(merged) > recent_n:
-            del merged[recent_n:]
-        state.recent = merged
+        if len(recent) > recent_n:
+            del recent[recent_n:]
     return accepted, accepted_at, positives
 
 
@@ -496,6 +506,12 @@ def _float32s(values: list[float]) -> npt.NDArray[np.float32]:
     return np.frombuffer(_pack(f"{len(values)}d", *values), dtype=np.float64).astype(np.float32)
 
 
+def _uint64s(values: list[int]) -> npt.NDArray[np.uint64]:
+    """``np.fromiter(values, np.uint64)`` of ints in [0, 2**32) (CRC-32s), like :func:`_float32s`: packed as
+    uint32 in one C loop and widened at once, at half the cost."""
+    return np.frombuffer(_pack(f"{len(values)}I", *values), dtype=np.uint32).astype(np.uint64)
+
+
 def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
     """Stack equal-length vectors into a new, writable float32 matrix (see :func:`_joined`).
 
@@ -509,15 +525,16 @@ def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
 
 def _rounds(
     per_key: list[list[_T]], max_rounds: int
-) -> Iterator[tuple[int, list[_T], npt.NDArray[np.int_], npt.NDArray[np.intp]]]:
+) -> list[tuple[int, list[_T], npt.NDArray[np.int_], npt.NDArray[np.intp]]]:
     """The embedding rounds of one batch; ``per_key`` is sorted by decreasing length.
 
-    Each key's items are cut into at most ``max_rounds`` chunks; round r yields the number
-    ``m`` of keys that still have a chunk, their r-th chunks flattened, the chunk sizes and
-    each flattened item's key row (0..m-1).
+    Each key's items are cut into at most ``max_rounds`` chunks; round r is the number ``m`` of
+    keys that still have a chunk, their r-th chunks flattened, the chunk sizes and each flattened
+    item's key row (0..m-1). A list, not a generator: the compiled build types its indexes.
     """
+    rounds: list[tuple[int, list[_T], npt.NDArray[np.int_], npt.NDArray[np.intp]]] = []
     if not per_key:
-        return
+        return rounds
     lens = [len(xs) for xs in per_key]
     # the keys with more items than rounds (a prefix) take chunks; the others one item a round
     n_long = 0
@@ -536,9 +553,10 @@ def _rounds(
             flat += [per_key[q][r] for q in range(n_long, m)]
             sizes = np.ones(m, dtype=np.int_)
             sizes[:n_long] = np.subtract(hi, lo)
-            yield m, flat, sizes, np.repeat(np.arange(m), sizes)
+            rounds.append((m, flat, sizes, np.repeat(np.arange(m), sizes)))
         else:
-            yield m, [per_key[q][r] for q in range(m)], np.ones(m, dtype=np.int_), np.arange(m)
+            rounds.append((m, [per_key[q][r] for q in range(m)], np.ones(m, dtype=np.int_), np.arange(m)))
+    return rounds
 
 
 def _damped_step(
@@ -617,7 +635,7 @@ def _apply_user_batch(
     outs: list[Outcome] = []
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
-    positives: list[list[Event]] = []  # per user
+    positives: list[list[_Step]] = []  # per user
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
         out = _blank_outcome()
@@ -654,8 +672,17 @@ def _apply_user_batch(
         row_uid = [uids[j] for j in order]
         row_fw = [pos_fw[j] for j in order]
         for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
-            V = items.get_many([ev.item_id for ev in evs])  # type: ignore[misc]
-            hs = np.fromiter(map(_crc32, [ev.event_id.encode() for ev in evs], [seed] * len(evs)), np.uint64, len(evs))
+            # one pass over the round's steps: item ids, the CRC-32s of the event ids, learning rates
+            iids = []
+            crcs = []
+            lrs = []
+            for st in evs:
+                iids.append(st[0])
+                eid = st[1]  # a str local in the compiled build: ``encode`` is a direct C call
+                crcs.append(_crc32(eid.encode(), seed))
+                lrs.append(lr_of[st[2]])
+            V = items.get_many(iids)
+            hs = _uint64s(crcs)
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
@@ -665,7 +692,7 @@ def _apply_user_batch(
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
-            lr = np.fromiter([lr_of[ev.type] for ev in evs], np.float32, len(evs))
+            lr = _float32s(lrs)
             ns_rows = neg_scores.tolist()
             ev_rows = rows.tolist()
             # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
@@ -676,16 +703,16 @@ def _apply_user_batch(
             else:
                 snaps = list(Ue)
             for e in range(len(evs)):
-                ev = evs[e]
+                st = evs[e]
                 row = ev_rows[e]
                 row_fw[row].append(
-                    _new(Forward, (ev.item_id, ev.event_id, ev.type, ev.ts_us, row_uid[row], snaps[e],
-                                   tuple(ns_rows[e]), True, None, None))
+                    _new(Forward, (st[0], st[1], st[2], st[3], row_uid[row], snaps[e], tuple(ns_rows[e]), True,
+                                   None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
         _store_vectors(news, order, U, n_pos)
     results = []
-    impression = EventType.IMPRESSION
+    impression = _IMPRESSION_TYPE
     for j in range(len(batch)):
         out = outs[j]
         if len(pos_fw[j]) == len(accepted[j]):  # every accepted event is positive: one forward each

@@ -6,6 +6,7 @@ states. Both implement :class:`streams.core.state.ItemVectorSource`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,17 @@ __all__ = ["ItemReplica"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
+_pack = struct.pack
+
+
+def _row_indexes(rows: dict[str, int], keys: Sequence[str]) -> npt.NDArray[np.intp]:
+    """Each key's row in ``rows``, or -1, as an intp array.
+
+    A dict lookup each (a C loop in the compiled build), packed by ``struct`` in one C loop: a third
+    of ``np.fromiter(map(rows.get, ...))``, which converts item by item through numpy's scalars.
+    """
+    found = [rows.get(k, -1) for k in keys]
+    return np.frombuffer(_pack(f"{len(found)}n", *found), dtype=np.intp)
 
 
 class ItemReplica:
@@ -49,7 +61,7 @@ class ItemReplica:
         """(n, dim) vectors; unknown items get their deterministic initial vector."""
         if not item_ids:
             return np.zeros((0, self.cfg.dim), dtype=np.float32)
-        idx = np.fromiter(map(self._rows.get, item_ids, [-1] * len(item_ids)), np.intp, len(item_ids))
+        idx = _row_indexes(self._rows, item_ids)
         out = self._mat[idx]
         unknown = np.flatnonzero(idx < 0)
         if len(unknown):

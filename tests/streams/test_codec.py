@@ -145,7 +145,7 @@ def _outcome(fn: object, raw: bytes, ref_us: int | None) -> object:
     try:
         return fn(raw, ref_us)  # type: ignore[operator]
     except InvalidEvent as exc:
-        return exc.reason
+        return exc.reason, exc.detail  # what the DLQ record carries
 
 
 @given(raw_objects(), st.none() | st.just(1_795_000_000_000_000))
@@ -169,19 +169,48 @@ def test_fast_decoder_agrees_on_corrupted_events(ev: Event, data: st.DataObject)
         b'"schema_version":1,"context":{"position":18446744073709551616}}',  # orjson: a float
         b'{"event_id":"e","type":"view","user_id":"u","item_id":"i","event_time":"2026-11-22T10:00:00Z",'
         b'"schema_version":1,"items":[1]}',  # malformed, but ignored for a view
+        *(
+            b'{"event_id":"e","type":"view","user_id":"u","item_id":"i","event_time":"2026-11-22T10:00:00Z",'
+            b'"schema_version":1,"context":' + ctx + b"}"
+            for ctx in (
+                b'{"position":-1}',
+                b'{"position":9223372036854775807}',
+                b'{"position":9223372036854775808}',
+                b'{"position":true}',
+                b'{"position":1.0}',
+                b'{"position":"3"}',
+                b"null",
+                b"[]",
+                b'{"surface":1}',
+                b'{"device":null,"position":null,"x":[1]}',
+            )
+        ),
     ],
 )
 def test_fast_decoder_edge_cases(raw: bytes) -> None:
     assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
 
 
-def test_fast_path_unpacks_the_structs_in_field_order() -> None:
-    # decode unpacks msgspec.structs.astuple(...) positionally
+@pytest.mark.parametrize("field", ["event_id", "user_id", "item_id"])
+@pytest.mark.parametrize("value", ["", "x", "x" * 256, "x" * 257, "\U0001f600" * 256, "\U0001f600" * 257, None, 7])
+def test_fast_decoder_checks_id_lengths_as_the_strict_decoder(field: str, value: object) -> None:
+    # (the fast path checks the ids' lengths itself, in code points as from_dict does)
+    raw = orjson.dumps({**GOOD, field: value})
+    assert _outcome(codec.decode, raw, None) == _outcome(codec.decode_strict, raw, None)
+    if value == "x" * 256:
+        assert getattr(codec.decode(raw), field) == value
+
+
+def test_fast_path_unpacks_the_struct_in_field_order() -> None:
+    # decode unpacks msgspec.structs.astuple(...) positionally, and builds the Event positionally
     assert codec._FastEvent.__struct_fields__ == (
-        "event_id", "type", "event_time", "schema_version", "user_id", "item_id", "context", "items",
+        "event_id", "type", "user_id", "event_time", "schema_version", "context", "item_id", "items",
         "request_id", "propensity", "eligible", "category", "vector",
     )  # fmt: skip
-    assert codec._FastContext.__struct_fields__ == Context._fields
+    assert Event.__struct_fields__ == (
+        "event_id", "type", "ts_us", "user_id", "item_id", "schema_version", "context", "items", "request_id",
+        "propensity", "eligible", "category", "vector",
+    )  # fmt: skip
 
 
 _canonical_times = st.builds(

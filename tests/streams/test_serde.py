@@ -1,10 +1,12 @@
-"""Byte formats: the forward pack of ``events.by-item`` (round trip, grouping, rejects, the older format)."""
+"""Byte formats: states (round trip, the older JSON body) and the forward pack of ``events.by-item``
+(round trip, grouping, rejects, the older format)."""
 
 from __future__ import annotations
 
 import struct
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.core import serde
-from streams.core.state import FORWARD_SLOTS, Forward
+from streams.core.state import FORWARD_SLOTS, Forward, ItemState, UserState
 from streams.errors import StoreError
 from streams.events import EventType
 
@@ -366,8 +368,6 @@ def _encode_pack1(src: int, forwards: list[tuple[int, Forward, int]]) -> bytes:
 
 def test_state_values_are_head_vector_bytes_and_body() -> None:
     """The state format (what stores, changelogs, serving and replay read), whatever the vector's layout."""
-    from streams.core.state import ItemState, UserState
-
     mat = np.arange(4 * DIM, dtype=np.float32).reshape(DIM, 4) / 7
     vectors = [None, np.arange(DIM, dtype=np.float32) / 3, np.arange(DIM, dtype=np.float64) / 3, mat[:, 2],
                np.arange(DIM, dtype=">f4"), np.zeros(0, dtype=np.float32)]  # fmt: skip
@@ -377,12 +377,11 @@ def test_state_values_are_head_vector_bytes_and_body() -> None:
         item = ItemState(b5={3: [1, 0, 1]}, vector=vec, category="c", upsert_key=(4, "u1"))
         vec_bytes = b"" if vec is None else vec.astype("<f4").tobytes()
         head = struct.pack("<BH", serde.FORMAT, 0 if vec is None else len(vec))
-        user_body = [user.counts, user.recent, user.session, user.seen, user.max_ts, user.steps, user.version,
-                     user.offsets]  # fmt: skip
-        assert serde.encode_user(user) == head + vec_bytes + orjson.dumps(user_body)
+        assert serde.FORMAT == 2
+        assert serde.encode_user(user) == head + vec_bytes + msgspec.msgpack.encode(_user_body(user))
         item_body = [item.counts, [[3, 1, 0, 1]], [], item.max_ts, item.eligible, item.category, item.steps,
                      item.version, item.offsets, item.upsert_key]  # fmt: skip
-        assert serde.encode_item(item) == head + vec_bytes + orjson.dumps(item_body)
+        assert serde.encode_item(item) == head + vec_bytes + msgspec.msgpack.encode(item_body)
         back = serde.decode_user(serde.encode_user(user)).vector
         if vec is None or not len(vec):
             assert back is None
@@ -443,3 +442,178 @@ def test_forward_pack_entries_reject_what_the_forward_decode_rejects() -> None:
 @given(st.dictionaries(st.integers(-(2**40), 2**40), st.lists(st.integers(0, 2**31), min_size=0, max_size=5)))
 def test_bucket_rows_are_each_index_then_its_counts_by_index(buckets: dict[int, list[int]]) -> None:
     assert serde._buckets_out(buckets) == [[k, *buckets[k]] for k in sorted(buckets)]
+
+
+# -- states: round trips and the older format (FORMAT_JSON) ------------------------------------------
+
+#: every integer both body formats hold (orjson and MessagePack: int64 and uint64)
+_ints = st.integers(-(2**63), 2**64 - 1)
+_ids = st.text(max_size=12)  # any unicode (hypothesis leaves out lone surrogates, which UTF-8 cannot hold)
+_opt_ids = st.none() | _ids
+_vectors = st.none() | st.lists(_floats, min_size=1, max_size=9).map(lambda xs: np.array(xs, dtype=np.float32))
+
+
+@st.composite
+def _user(draw: Any) -> UserState:
+    session = draw(st.none() | st.tuples(_ints, _ids, _opt_ids, _opt_ids, _opt_ids))
+    return UserState(
+        counts=draw(st.lists(_ints, max_size=7)),
+        recent=draw(st.lists(st.tuples(_ints, _ids, _ids, _ids), max_size=6)),
+        session=session,
+        seen=draw(st.dictionaries(_ids, _ints, max_size=6)),
+        max_ts=draw(_ints),
+        vector=draw(_vectors),
+        steps=draw(_ints),
+        version=draw(_ints),
+        offsets=draw(st.dictionaries(_ids, _ints, max_size=3)),
+    )
+
+
+_buckets = st.dictionaries(_ints, st.lists(_ints, min_size=3, max_size=3), max_size=4)
+
+
+@st.composite
+def _item(draw: Any) -> ItemState:
+    return ItemState(
+        counts=draw(st.lists(_ints, max_size=7)),
+        b5=draw(_buckets),
+        b60=draw(_buckets),
+        max_ts=draw(_ints),
+        eligible=draw(st.booleans()),
+        category=draw(_opt_ids),
+        vector=draw(_vectors),
+        steps=draw(_ints),
+        version=draw(_ints),
+        offsets=draw(st.dictionaries(_ids, _ints, max_size=3)),
+        upsert_key=draw(st.none() | st.tuples(_ints, _ids)),
+    )
+
+
+def _fields(s: UserState | ItemState) -> tuple[Any, ...]:
+    """A state's fields with the vector as its float32 bytes (ndarrays do not compare with ==);
+    dicts as item lists, so that their order counts too, except an item's buckets, which both formats
+    write sorted by index."""
+    out: list[Any] = []
+    for name in type(s).__dataclass_fields__:
+        v = getattr(s, name)
+        if name == "vector":
+            v = None if v is None else (v.dtype.str, v.tobytes())
+        elif name in ("b5", "b60"):
+            v = sorted(v.items())
+        elif isinstance(v, dict):
+            v = list(v.items())
+        out.append((name, v))
+    return tuple(out)
+
+
+def _user_body(s: UserState) -> list[Any]:
+    return [s.counts, s.recent, s.session, s.seen, s.max_ts, s.steps, s.version, s.offsets]
+
+
+def _item_body(s: ItemState) -> list[Any]:
+    rows = [[[k, *b[k]] for k in sorted(b)] for b in (s.b5, s.b60)]
+    return [s.counts, rows[0], rows[1], s.max_ts, s.eligible, s.category, s.steps, s.version, s.offsets,
+            s.upsert_key]  # fmt: skip
+
+
+def _encode_json_state(vector: Any, body: list[Any]) -> bytes:
+    """The encoder of format 1 (FORMAT_JSON, before 2026-12-02), kept here to write its values."""
+    if vector is None:
+        return struct.pack("<BH", 1, 0) + orjson.dumps(body)
+    return struct.pack("<BH", 1, len(vector)) + vector.astype("<f4").tobytes() + orjson.dumps(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_user())
+def test_user_states_round_trip(user: UserState) -> None:
+    data = serde.encode_user(user)
+    assert data[0] == serde.FORMAT
+    assert _fields(serde.decode_user(data)) == _fields(user)
+    # what the format 1 encoder wrote for the same state decodes to the same state
+    assert _fields(serde.decode_user(_encode_json_state(user.vector, _user_body(user)))) == _fields(user)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_item())
+def test_item_states_round_trip(item: ItemState) -> None:
+    data = serde.encode_item(item)
+    assert data[0] == serde.FORMAT
+    assert _fields(serde.decode_item(data)) == _fields(item)
+    old = _encode_json_state(item.vector, _item_body(item))
+    assert _fields(serde.decode_item(old)) == _fields(item)
+    for value in (data, old):  # the serving catalog's and the replica's readers, on either format
+        vector, body = serde.item_summary(value)
+        assert body == orjson.loads(orjson.dumps(_item_body(item)))  # tuples read back as lists
+        for got in (vector, serde.vector_of(value)):
+            assert (got is None and item.vector is None) or got.tobytes() == item.vector.tobytes()  # type: ignore[union-attr]
+
+
+#: values written by the format 1 encoder (main at b8d8e62), checked in: a user with a vector, a
+#: non-ASCII item id and a None in its session; a user without a vector and with a uint64 version; an
+#: item with buckets, a category and an upsert key
+_JSON_USER = (
+    b'\x01\x03\x00\x00\x00\x80?\x00\x00 \xc0\x00\x00\x00?[[2,1,0,0,0,0],[[1790000000000002,"e2","i\xc3\xa9","click"],'
+    b'[1790000000000001,"e1","i1","view"]],[1790000000000002,"e2","s1",null,"web"],'
+    b'{"e1":1790000000000001,"e2":1790000000000002},1790000000000002,1,2,{"events":41}]'
+)
+_JSON_USER_BARE = b"\x01\x00\x00[[0,0,0,0,0,0],[],null,{},-5,0,18446744073709551615,{}]"
+_JSON_ITEM = (
+    b"\x01\x02\x00\x00\x00\x80>\x00\x00\x80@[[3,1,0,0,2,0],[[5966666,2,1,1]],[[497222,2,1,1]],1790000000000002,"
+    b'false,"shoes",1,3,{"events.by-item":7},[1790000000000000,"up1"]]'
+)
+
+
+def test_states_written_by_the_format_1_encoder_decode() -> None:
+    """Stores, changelogs and snapshots written before the upgrade hold format 1: read as before."""
+    user = serde.decode_user(_JSON_USER)
+    expected = UserState(
+        counts=[2, 1, 0, 0, 0, 0],
+        recent=[(1790000000000002, "e2", "i\u00e9", "click"), (1790000000000001, "e1", "i1", "view")],
+        session=(1790000000000002, "e2", "s1", None, "web"),
+        seen={"e1": 1790000000000001, "e2": 1790000000000002},
+        max_ts=1790000000000002,
+        vector=np.array([1.0, -2.5, 0.5], dtype=np.float32),
+        steps=1,
+        version=2,
+        offsets={"events": 41},
+    )
+    assert _fields(user) == _fields(expected)
+    bare = UserState(counts=[0] * 6, max_ts=-5, version=2**64 - 1)
+    assert _fields(serde.decode_user(_JSON_USER_BARE)) == _fields(bare)
+    item = ItemState(
+        counts=[3, 1, 0, 0, 2, 0], b5={5966666: [2, 1, 1]}, b60={497222: [2, 1, 1]}, max_ts=1790000000000002,
+        eligible=False, category="shoes", vector=np.array([0.25, 4.0], dtype=np.float32), steps=1, version=3,
+        offsets={"events.by-item": 7}, upsert_key=(1790000000000000, "up1"),
+    )  # fmt: skip
+    assert _fields(serde.decode_item(_JSON_ITEM)) == _fields(item)
+    vector, body = serde.item_summary(_JSON_ITEM)
+    assert vector is not None and vector.tolist() == [0.25, 4.0]
+    assert body[3:6] == [1790000000000002, False, "shoes"]
+    assert serde.vector_of(_JSON_USER).tolist() == [1.0, -2.5, 0.5]  # type: ignore[union-attr]
+    assert serde.vector_of(_JSON_USER_BARE) is None
+    # re-encoding writes the current format, to the same state
+    again = serde.encode_user(user)
+    assert again[0] == serde.FORMAT and _fields(serde.decode_user(again)) == _fields(expected)
+
+
+def test_unknown_state_formats_are_rejected() -> None:
+    value = serde.encode_user(UserState(vector=np.ones(2, dtype=np.float32)))
+    for fmt in (0, 3, serde.PACK2):
+        bad = bytes([fmt]) + value[1:]
+        for read in (serde.decode_user, serde.decode_item, serde.item_summary, serde.vector_of):
+            with pytest.raises(StoreError, match="unknown state format"):
+                read(bad)
+    with pytest.raises(StoreError, match="too short"):
+        serde.decode_user(b"\x02\x00")
+
+
+def test_a_failed_encoding_leaves_the_next_one_intact() -> None:
+    """An int no body format holds raises; the encoder's reused buffers do not carry anything over."""
+    good = UserState(recent=[(5, "e1", "i1", "view")], seen={"e1": 5}, max_ts=5, offsets={"events": 3})
+    expected = serde.encode_user(good)
+    with pytest.raises(OverflowError):
+        serde.encode_user(UserState(max_ts=2**64, seen={"x" * 5000: 1}))
+    assert serde.encode_user(good) == expected
+    big = UserState(seen={str(i): i for i in range(10_000)})  # a body larger than a kept buffer
+    assert _fields(serde.decode_user(serde.encode_user(big))) == _fields(big)
+    assert serde.encode_user(good) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -22,12 +23,14 @@ from streams.core.state import (
     _float32s,
     _hash64s,
     _rows,
+    _uint64s,
     apply_item_batch,
     apply_item_forwards,
     apply_user_batch,
     apply_user_events,
     forward_seqs,
     hash64,
+    init_matrix,
     item_features,
     user_features,
 )
@@ -158,6 +161,26 @@ def test_float32s_equals_fromiter_bit_for_bit() -> None:
         got, want = _float32s(values), np.fromiter(values, np.float32, len(values))
     assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
     assert np.isnan(_float32s([math.nan])[0]) and _float32s([]).shape == (0,)
+
+
+def test_uint64s_equals_fromiter() -> None:
+    values = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + [zlib.crc32(b"e%d" % k) for k in range(300)]
+    got, want = _uint64s(values), np.fromiter(values, np.uint64, len(values))
+    assert got.dtype == np.uint64 and got.tobytes() == want.tobytes()
+    assert _uint64s([]).shape == (0,)
+
+
+def test_item_replica_get_many_reads_rows_and_initialises_unknown_items() -> None:
+    replica = ItemReplica(CFG)
+    rng = np.random.default_rng(4)
+    for k in range(5):
+        replica.put(f"i{k}", rng.standard_normal(CFG.dim).astype(np.float32))
+    ids = ["i3", "x", "i0", "i3", "y", "i4"]
+    want = np.stack([replica.get(i) if replica.get(i) is not None else init_matrix([i], CFG, "i")[0] for i in ids])
+    for given_ids in (ids, tuple(ids)):  # any sequence
+        got = replica.get_many(given_ids)
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+    assert replica.get_many([]).shape == (0, CFG.dim)
 
 
 def test_item_steps_with_ragged_negatives_equal_the_usual_path_for_the_other_items() -> None:
