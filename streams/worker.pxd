@@ -42,7 +42,7 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
                vec_blocks=list, score_blocks=list, seqs=list, item_ids=list, entries=list, stamps=list)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
-@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list)
+@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog, list ids,
                               list raw_keys, list keys) except -1
@@ -51,6 +51,6 @@ cpdef Py_ssize_t _store_users(list work, list offsets, object results, object to
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 
-@cython.locals(n=Py_ssize_t)
+@cython.locals(n=Py_ssize_t, applied=dict)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
                    object producer, object changelog, object replica, list ids, list raw_keys, list keys)

@@ -481,7 +481,8 @@ def _store_users(
         offs = offsets[n]
         new, out = results[n]
         news.append(new)
-        new.offsets[topic] = _highest(offs)
+        applied = new.offsets  # (typed: a C dict store, not a generic item assignment)
+        applied[topic] = _highest(offs)
         duplicates += len(out.duplicates)
         for i in out.late_src:
             late.append(offs[i])
@@ -589,7 +590,8 @@ def _store_items(
     if not len(ids) == len(raw_keys) == len(keys):
         raise ValueError("one key per id")
     for n in range(len(work)):
-        results[n].offsets[topic] = offsets[n][-1]
+        applied = results[n].offsets  # (typed, as in _store_users)
+        applied[topic] = offsets[n][-1]
     values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
     _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     for n in range(len(work)):
