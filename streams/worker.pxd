@@ -14,8 +14,15 @@ cpdef _send(object producer, object topic, object value, object key, object part
 
 cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
 
-cpdef _put_state(object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
+cpdef _put_state(object key, object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
                  object producer, object changelog, object partition)
+
+@cython.locals(raw=list, keys=list, i=str, r=bytes, prefix=bytes)
+cpdef tuple _state_keys(list ids)
+
+@cython.locals(n=Py_ssize_t, at=Py_ssize_t, cache=dict, limit=Py_ssize_t)
+cpdef _put_states(list work, list news, list values, list ids, list raw_keys, list keys, dict puts, object shard,
+                  object producer, object changelog)
 
 @cython.locals(out=list, missing=list, from_store=list)
 cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
@@ -35,14 +42,15 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
                vec_blocks=list, score_blocks=list, seqs=list, item_ids=list, entries=list, stamps=list)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
-@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, cache=dict, limit=Py_ssize_t)
+@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
-                              list late, dict puts, object shard, object producer, object changelog) except -1
+                              list late, dict puts, object shard, object producer, object changelog, list ids,
+                              list raw_keys, list keys) except -1
 
 @cython.locals(per_part=list, found=list, mine=list, t=tuple, fws=list, i=Py_ssize_t, n=Py_ssize_t)
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 
-@cython.locals(n=Py_ssize_t, cache=dict, limit=Py_ssize_t)
+@cython.locals(n=Py_ssize_t, applied=dict)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
-                   object producer, object changelog, object replica)
+                   object producer, object changelog, object replica, list ids, list raw_keys, list keys)

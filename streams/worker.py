@@ -243,6 +243,7 @@ def _cache_put(cache: dict[bytes, Any], limit: int, key: bytes, state: object) -
 
 
 def _put_state(
+    key: bytes,
     raw_key: bytes,
     state: object,
     value: bytes,
@@ -253,11 +254,26 @@ def _put_state(
     changelog: str,
     partition: int,
 ) -> None:
-    """A new state's encoded ``value``: into the batch's ``puts`` and the changelog, and ``state`` into the cache."""
-    key = STATE_PREFIX + raw_key
+    """A new state's encoded ``value``: into the batch's ``puts`` and the changelog, and ``state`` into the cache.
+
+    ``key`` is the store's key (``STATE_PREFIX + raw_key``), ``raw_key`` the changelog's: both built once
+    a batch, for the fetch (:func:`_state_keys`).
+    """
     puts[key] = value
     _cache_put(cache, limit, key, state)
     _send(producer, changelog, value, raw_key, partition)
+
+
+def _state_keys(ids: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """The changelog keys (the ids' UTF-8) and store keys (``STATE_PREFIX`` + those) of ``ids``."""
+    raw: list[bytes] = []
+    keys: list[bytes] = []
+    prefix = STATE_PREFIX
+    for i in ids:  # (typed str and bytes, compiled: direct C calls, not a method lookup an id)
+        r = i.encode()
+        raw.append(r)
+        keys.append(prefix + r)
+    return raw, keys
 
 
 def _fetch_states(
@@ -445,23 +461,28 @@ def _store_users(
     shard: _Shard,
     producer: Producer,
     changelog: str,
+    ids: list[str],
+    raw_keys: list[bytes],
+    keys: list[bytes],
 ) -> int:
     """Take the core's new user states: offset guards, forwards, ``puts``, the cache and the changelog.
 
-    The offsets of late events (for the DLQ) go to ``late``; returns the number of duplicates.
+    ``ids`` are the batch's users (``work`` holds some of them, in their order) and ``raw_keys``/``keys``
+    their keys (:func:`_state_keys`). The offsets of late events (for the DLQ) go to ``late``; returns
+    the number of duplicates.
     """
     if not len(work) == len(offsets) == len(results):
         raise ValueError("one result per work item")
-    cache = shard.cache
-    limit = shard.cache_entries
-    partition = shard.partition
-    encode_user = serde.encode_user  # (a module attribute lookup per user otherwise)
+    if not len(ids) == len(raw_keys) == len(keys):
+        raise ValueError("one key per id")
+    news: list[UserState] = []
     duplicates = 0
     for n in range(len(work)):
-        uid = work[n][0]
         offs = offsets[n]
         new, out = results[n]
-        new.offsets[topic] = _highest(offs)
+        news.append(new)
+        applied = new.offsets  # (typed: a C dict store, not a generic item assignment)
+        applied[topic] = _highest(offs)
         duplicates += len(out.duplicates)
         for i in out.late_src:
             late.append(offs[i])
@@ -472,8 +493,37 @@ def _store_users(
             raise ValueError("one sequence number and source per forward")
         for j in range(len(fws)):
             forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
-        _put_state(uid.encode(), new, encode_user(new), puts, cache, limit, producer, changelog, partition)
+    values = serde.encode_users(news)  # (with their offsets: encoded after the loop above)
+    _put_states(work, news, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     return duplicates
+
+
+def _put_states(
+    work: list[Any],
+    news: list[Any],
+    values: list[bytes],
+    ids: list[str],
+    raw_keys: list[bytes],
+    keys: list[bytes],
+    puts: dict[bytes, bytes],
+    shard: _Shard,
+    producer: Producer,
+    changelog: str,
+) -> None:
+    """:func:`_put_state` of each work item's new state and encoded value, with its id's keys."""
+    if not len(work) == len(news) == len(values):
+        raise ValueError("one state and value per work item")
+    cache = shard.cache
+    limit = shard.cache_entries
+    partition = shard.partition
+    at = 0
+    for n in range(len(work)):
+        key_id = work[n][0]
+        # the work items are some of the ids, in order (the guards drop the fully redelivered ones): the
+        # same string objects, so an identity test finds each one's keys
+        while ids[at] is not key_id:
+            at += 1
+        _put_state(keys[at], raw_keys[at], news[n], values[n], puts, cache, limit, producer, changelog, partition)
 
 
 def _send_forward_packs(
@@ -527,20 +577,27 @@ def _store_items(
     producer: Producer,
     changelog: str,
     replica: ItemReplica,
+    ids: list[str],
+    raw_keys: list[bytes],
+    keys: list[bytes],
 ) -> None:
-    """Take the core's new item states: offset guards, ``puts``, the cache, the changelog and the replica."""
+    """Take the core's new item states: offset guards, ``puts``, the cache, the changelog and the replica.
+
+    ``ids``, ``raw_keys`` and ``keys``: as for :func:`_store_users`.
+    """
     if not len(work) == len(offsets) == len(results):
         raise ValueError("one result per work item")
-    cache = shard.cache
-    limit = shard.cache_entries
-    partition = shard.partition
+    if not len(ids) == len(raw_keys) == len(keys):
+        raise ValueError("one key per id")
     for n in range(len(work)):
-        iid = work[n][0]
+        applied = results[n].offsets  # (typed, as in _store_users)
+        applied[topic] = offsets[n][-1]
+    values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
+    _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)
+    for n in range(len(work)):
         new = results[n]
-        new.offsets[topic] = offsets[n][-1]
-        _put_state(iid.encode(), new, serde.encode_item(new), puts, cache, limit, producer, changelog, partition)
         if new.vector is not None:
-            replica.put(iid, new.vector)
+            replica.put(work[n][0], new.vector)
 
 
 class _Shard:
@@ -1005,7 +1062,8 @@ class StreamWorker:
             self._dlq(m, reason, detail)
         stats.events += len(batch)
         users = list(per_user)
-        states = self._fetch(shard, [STATE_PREFIX + u.encode() for u in users], pending, serde.decode_user)
+        raw_keys, keys = _state_keys(users)
+        states = self._fetch(shard, keys, pending, serde.decode_user)
         work, offsets, redelivered = _past_guards(users, states, per_user, topic)
         stats.redelivered += redelivered
         results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
@@ -1013,8 +1071,9 @@ class StreamWorker:
         changelog = self.settings.topics.user_changelog
         late: list[int] = []
         stats.duplicates += _store_users(
-            work, offsets, results, topic, rec_ts, forwards, late, puts, shard, producer, changelog
-        )
+            work, offsets, results, topic, rec_ts, forwards, late, puts, shard, producer, changelog, users, raw_keys,
+            keys,
+        )  # fmt: skip
         if late:
             raw_at = {cast(int, m.offset()): m for m in batch}
             for off in late:
@@ -1053,13 +1112,15 @@ class StreamWorker:
         stats.item_records += read
         stats.resent_forwards += resent
         items = list(per_item)
-        states = self._fetch(shard, [STATE_PREFIX + i.encode() for i in items], pending, serde.decode_item)
+        raw_keys, keys = _state_keys(items)
+        states = self._fetch(shard, keys, pending, serde.decode_item)
         work, offsets, redelivered = _past_guards(items, states, per_item, topic)
         stats.redelivered += redelivered
         puts: dict[bytes, bytes] = {}
         changelog = self.settings.topics.item_changelog
         results = apply_item_entries(work, self.cfg, U, S, in_place=True)
-        _store_items(work, offsets, results, topic, puts, shard, producer, changelog, self.replica)
+        replica = self.replica
+        _store_items(work, offsets, results, topic, puts, shard, producer, changelog, replica, items, raw_keys, keys)
         for src in touched_src:
             k = META_PREFIX + f"src:{src}".encode()
             puts[k] = str(hwm[src]).encode()

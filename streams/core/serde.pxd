@@ -25,8 +25,17 @@ cpdef tuple _pack_blocks(object data, object head, object fmt)
                n_scores=Py_ssize_t, fw=tuple)
 cpdef tuple _decode_pack1(object data)
 
-@cython.locals(dim=Py_ssize_t, spare=dict)
+@cython.locals(spare=dict)
 cpdef bytes _pack(object vector, object body)
+
+@cython.locals(dim=Py_ssize_t, heads=dict)
+cpdef bytes _value(object vector, bytearray body)
+
+@cython.locals(out=list, spare=dict)
+cpdef list encode_users(list states)
+
+@cython.locals(out=list, spare=dict, body=list)
+cpdef list encode_items(list states)
 
 @cython.locals(out=list, v=list)
 cpdef list _buckets_out(object buckets)

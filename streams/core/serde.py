@@ -47,8 +47,10 @@ from streams.events import EventType
 __all__ = [
     "item_summary",
     "encode_user",
+    "encode_users",
     "decode_user",
     "encode_item",
+    "encode_items",
     "decode_item",
     "encode_forward_pack",
     "decode_forward_pack",
@@ -124,25 +126,30 @@ def _pack(vector: Vec | None, body: Any) -> bytes:
     if buf is None:
         buf = bytearray()
     _body_into(body, buf, 0)
-    if vector is None:
-        out = b"".join((_HEAD0, buf))
-    else:
-        dim = len(vector)
-        head = _HEADS.get(dim)
-        if head is None:
-            head = _HEAD.pack(FORMAT, dim)
-            if dim < 4096:  # a dimension is one of a few: a bounded memo
-                _HEADS[dim] = head
-        dtype = vector.dtype
-        if dtype is not _F4 and dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
-            vector = vector.astype(_F4)
-        try:  # the vector's own buffer joined in: no bytes object of it first
-            out = b"".join((head, vector, buf))  # type: ignore[arg-type]  # an ndarray is a buffer
-        except (BufferError, TypeError):  # a strided view: no contiguous buffer
-            out = b"".join((head, vector.tobytes(), buf))
+    out = _value(vector, buf)
     if len(buf) <= _BUFFER_KEEP:
         spare[0] = buf
     return out
+
+
+def _value(vector: Vec | None, body: bytearray) -> bytes:
+    """A state value: the header and ``vector``'s float32 block, then the encoded ``body``."""
+    if vector is None:
+        return b"".join((_HEAD0, body))
+    dim = len(vector)
+    heads = _HEADS  # (a typed local, compiled: a C dict lookup, not a method call)
+    head = heads.get(dim)
+    if head is None:
+        head = _HEAD.pack(FORMAT, dim)
+        if dim < 4096:  # a dimension is one of a few: a bounded memo
+            heads[dim] = head
+    dtype = vector.dtype
+    if dtype is not _F4 and dtype != _F4:  # the core's vectors are float32 already: no conversion, no copy
+        vector = vector.astype(_F4)
+    try:  # the vector's own buffer joined in: no bytes object of it first
+        return b"".join((head, vector, body))  # type: ignore[arg-type]  # an ndarray is a buffer
+    except (BufferError, TypeError):  # a strided view: no contiguous buffer
+        return b"".join((head, vector.tobytes(), body))
 
 
 _HEAD0 = _HEAD.pack(FORMAT, 0)
@@ -196,6 +203,24 @@ def encode_user(s: UserState) -> bytes:
     return _pack(s.vector, [s.counts, s.recent, s.session, s.seen, s.max_ts, s.steps, s.version, s.offsets])
 
 
+def encode_users(states: list[UserState]) -> list[bytes]:
+    """Encode a batch of user states: ``[encode_user(s) for s in states]``, the same bytes.
+
+    One Python call a batch, and the spare buffer (see ``_pack``) taken out and put back once.
+    """
+    out: list[bytes] = []
+    spare = _spare
+    buf = spare.pop(0, None)
+    if buf is None:
+        buf = bytearray()
+    for s in states:
+        _body_into([s.counts, s.recent, s.session, s.seen, s.max_ts, s.steps, s.version, s.offsets], buf, 0)
+        out.append(_value(s.vector, buf))
+    if len(buf) <= _BUFFER_KEEP:
+        spare[0] = buf
+    return out
+
+
 def decode_user(data: bytes) -> UserState:
     """Decode a user state."""
     vector, b = _unpack(data)
@@ -240,6 +265,25 @@ def encode_item(s: ItemState) -> bytes:
         s.steps, s.version, s.offsets, s.upsert_key,
     ]  # fmt: skip
     return _pack(s.vector, body)
+
+
+def encode_items(states: list[ItemState]) -> list[bytes]:
+    """Encode a batch of item states: ``[encode_item(s) for s in states]``, the same bytes (as ``encode_users``)."""
+    out: list[bytes] = []
+    spare = _spare
+    buf = spare.pop(0, None)
+    if buf is None:
+        buf = bytearray()
+    for s in states:
+        body = [
+            s.counts, _buckets_out(s.b5), _buckets_out(s.b60), s.max_ts, s.eligible, s.category,
+            s.steps, s.version, s.offsets, s.upsert_key,
+        ]  # fmt: skip
+        _body_into(body, buf, 0)
+        out.append(_value(s.vector, buf))
+    if len(buf) <= _BUFFER_KEEP:
+        spare[0] = buf
+    return out
 
 
 def decode_item(data: bytes) -> ItemState:

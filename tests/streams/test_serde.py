@@ -617,3 +617,45 @@ def test_a_failed_encoding_leaves_the_next_one_intact() -> None:
     big = UserState(seen={str(i): i for i in range(10_000)})  # a body larger than a kept buffer
     assert _fields(serde.decode_user(serde.encode_user(big))) == _fields(big)
     assert serde.encode_user(good) == expected
+
+
+def _odd_vector(v: Any, how: int) -> Any:
+    """``v`` as float64 (converted on encode) or as a strided float32 view (no contiguous buffer), by ``how``."""
+    if v is None or how == 0:
+        return v
+    if how == 1:
+        return v.astype(np.float64)
+    doubled = np.repeat(v, 2)
+    return doubled[::2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_user(), st.integers(0, 2)), max_size=8))
+def test_a_batch_of_user_states_encodes_to_each_ones_bytes(drawn: list[tuple[UserState, int]]) -> None:
+    users = [u for u, _ in drawn]
+    for u, how in drawn:
+        u.vector = _odd_vector(u.vector, how)
+    # a big state in between: the batch's buffer shrinks back to each body after it
+    users = [*users, UserState(seen={str(i): i for i in range(3000)}), *users]
+    assert serde.encode_users(users) == [serde.encode_user(u) for u in users]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_item(), st.integers(0, 2)), max_size=8))
+def test_a_batch_of_item_states_encodes_to_each_ones_bytes(drawn: list[tuple[ItemState, int]]) -> None:
+    items = [i for i, _ in drawn]
+    for i, how in drawn:
+        i.vector = _odd_vector(i.vector, how)
+    items = [*items, ItemState(b5={k: [k, 1, 2] for k in range(3000)}), *items]
+    assert serde.encode_items(items) == [serde.encode_item(i) for i in items]
+
+
+def test_a_failed_batch_encoding_leaves_the_next_one_intact() -> None:
+    good = [UserState(recent=[(5, "e1", "i1", "view")], seen={"e1": 5}, max_ts=5, offsets={"events": 3}), UserState()]
+    expected = [serde.encode_user(u) for u in good]
+    with pytest.raises(OverflowError):
+        serde.encode_users([good[0], UserState(max_ts=2**64, seen={"x" * 5000: 1})])
+    assert serde.encode_users(good) == expected
+    with pytest.raises(OverflowError):
+        serde.encode_items([ItemState(max_ts=-(2**64))])
+    assert serde.encode_users(good) == expected and serde.encode_users([]) == []

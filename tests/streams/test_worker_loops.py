@@ -257,3 +257,34 @@ def test_the_item_stage_applies_pack_entries_as_the_core_applies_their_forwards(
     for a, b in zip(live, replay, strict=True):
         assert serde.item_digest(a) == serde.item_digest(b)
         assert serde.encode_item(a) == serde.encode_item(b)  # vectors too, bit for bit
+
+
+def test_state_keys_are_the_ids_utf8_with_and_without_the_store_prefix() -> None:
+    raw, keys = worker._state_keys(["u1", "é", ""])
+    assert raw == [b"u1", b"\xc3\xa9", b""] and keys == [b"ku1", b"k\xc3\xa9", b"k"]
+
+
+class _Shard:
+    def __init__(self, cache_entries: int) -> None:
+        self.cache: dict[bytes, Any] = {}
+        self.cache_entries = cache_entries
+        self.partition = 2
+
+
+@pytest.mark.parametrize("cache_entries", [0, 100])
+def test_put_states_finds_each_work_items_keys_among_the_batchs_ids(cache_entries: int) -> None:
+    """The guards dropped "b" and "d" (fully redelivered): the others' values go under their own keys."""
+    ids = ["a", "b", "c", "d", "e"]
+    raw, keys = worker._state_keys(ids)
+    work = [(ids[0], None, []), (ids[2], None, []), (ids[4], None, [])]
+    news = ["A", "C", "E"]
+    values = [b"va", b"vc", b"ve"]
+    puts: dict[bytes, bytes] = {}
+    shard: Any = _Shard(cache_entries)
+    p = _Producer(full=1)
+    worker._put_states(work, news, values, ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
+    assert puts == {b"ka": b"va", b"kc": b"vc", b"ke": b"ve"}
+    assert p.records == [("chg", b"va", b"a", 2), ("chg", b"vc", b"c", 2), ("chg", b"ve", b"e", 2)]
+    assert shard.cache == ({b"ka": "A", b"kc": "C", b"ke": "E"} if cache_entries else {})
+    with pytest.raises(ValueError):
+        worker._put_states(work, news, values[:2], ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
