@@ -8,7 +8,7 @@ import cython
                k=Py_ssize_t, dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
                n=Py_ssize_t, seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
                ts_us=cython.longlong, ts_ms=cython.longlong, g_ts_us=cython.longlong, g_ts_ms=cython.longlong,
-               native=bint, extended=bint, new_group=bint)
+               native=bint, extended=bint, new_group=bint, is_upsert=bint)
 cpdef bytes encode_forward_pack(object src, object forwards)
 
 @cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,

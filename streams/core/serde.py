@@ -274,16 +274,18 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
       record ts (ms), each as the difference from the previous group's (small numbers: cheap to write
       and read), and its type's number (:data:`WIRE_TYPES`); then, when its item is not new in the pack,
       the item's number (the items in order of first appearance);
-    * ``strs``: when the entry starts a group, the group's event id and user id; then, when its item is
-      new in the pack, the item id;
+    * ``strs``: when the entry starts a group of item upserts, the group's event id; then, when its item
+      is new in the pack, the item id;
     * ``extras``: for an extended entry (not eligible, or a category or bootstrap vector: upserts), its
       eligible, category and bootstrap.
 
-    Consecutive forwards of one source record share a group (the event fields once), and an item's id
-    is written once a pack (a pack's forwards are mostly about a few popular items: the item stage
-    then parses and looks up each id once). With ``has_vector`` the next vector row is the entry's
-    user vector; the next ``k`` scores are its negatives' scores. Scores travel as float64: exact for
-    any Python or float32 value.
+    Only what the item stage reads travels: no user id, and an event id only for an upsert (the item
+    keeps it); :func:`decode_forward_pack` gives a ``PACK3`` forward's user id as None and a
+    non-upsert's event id as ``""``. Consecutive forwards of one source record share a group (the event
+    fields once), and an item's id is written once a pack (a pack's forwards are mostly about a few
+    popular items: the item stage then parses and looks up each id once). With ``has_vector`` the next
+    vector row is the entry's user vector; the next ``k`` scores are its negatives' scores. Scores
+    travel as float64: exact for any Python or float32 value.
     """
     ints: list[Any] = []
     strs: list[Any] = []
@@ -298,19 +300,19 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
     pos = last_pos = -1
     g_event: Any = None
     g_type: Any = None
-    g_user: Any = None
     g_ts_us = g_ts_ms = 0
     shift = _SLOT_BITS
     slots = FORWARD_SLOTS
     mask = slots - 1
     numbers = _TYPE_NUMBER
+    upsert = _UPSERT
     native = True  # every user vector a native float32 ndarray: the block is their bytes joined
     for seq, f, ts_ms in forwards:
         if seq <= prev:
             raise ValueError(f"forward seqs must increase ({seq} after {prev})")
         prev = seq
         n += 1
-        item_id, event_id, etype, ts_us, user_id, uv, scores, eligible, category, bootstrap = f
+        item_id, event_id, etype, ts_us, _user_id, uv, scores, eligible, category, bootstrap = f
         pos = seq >> shift
         k = len(scores)
         flags = 16 * k
@@ -323,9 +325,10 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
         if number is None:
             items[item_id] = len(items)
             flags += 8
+        is_upsert = etype is upsert
         new_group = (
-            pos != last_pos or event_id != g_event or etype is not g_type or ts_us != g_ts_us
-            or user_id != g_user or ts_ms != g_ts_ms
+            pos != last_pos or etype is not g_type or ts_us != g_ts_us or ts_ms != g_ts_ms
+            or (is_upsert and event_id != g_event)
         )  # fmt: skip
         if new_group:
             ints.append((flags + 1) * slots + (seq & mask))
@@ -333,10 +336,10 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
             ints.append(ts_us - g_ts_us)
             ints.append(ts_ms - g_ts_ms)
             ints.append(numbers[etype])
-            strs.append(event_id)
-            strs.append(user_id)
+            if is_upsert:
+                strs.append(event_id)
             last_pos = pos
-            g_event, g_type, g_ts_us, g_user, g_ts_ms = event_id, etype, ts_us, user_id, ts_ms
+            g_event, g_type, g_ts_us, g_ts_ms = event_id, etype, ts_us, ts_ms
         else:
             ints.append(flags * slots + (seq & mask))
         if number is None:
@@ -401,7 +404,8 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
 
     Reads every format: ``PACK3`` (:func:`encode_forward_pack`) and the older ``PACK2`` and ``PACK``
     (:func:`_decode_pack1`; records written before an upgrade may still be in flight). The item stage
-    reads packs with :func:`decode_forward_entries`.
+    reads packs with :func:`decode_forward_entries`. ``PACK3`` carries only what the item stage reads:
+    its forwards come back without user id (None) and, but for item upserts, without event id (``""``).
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
@@ -415,6 +419,7 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     items: list[str] = []
     types = _TYPES
     wire = _WIRE_TYPES
+    upsert = _UPSERT
     shift = _SLOT_BITS
     mask = FORWARD_SLOTS - 1
     row = si = ii = xi = si_f = 0
@@ -432,13 +437,15 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
                 pos += ints[ii]
                 ts_us += ints[ii + 1]
                 ts_ms += ints[ii + 2]
-                event_id = strs[si]
                 if v3:
                     etype = wire[ints[ii + 3]]
-                    user_id = strs[si + 1]
                     ii += 4
-                    si += 2
+                    event_id = ""  # (PACK3 carries an upsert's event id only, and no user id)
+                    if etype is upsert:
+                        event_id = strs[si]
+                        si += 1
                 else:
+                    event_id = strs[si]
                     etype = types[strs[si + 1]]
                     user_id = strs[si + 2]
                     ii += 3
@@ -558,12 +565,14 @@ def decode_forward_entries(
                 ts_us += d
                 d = ints[ii + 2]
                 ts_ms += d
-                event_id = strs[si]
                 if v3:
                     etype = wire[ints[ii + 3]]
                     ii += 4
-                    si += 2  # (the user id: the item stage does not read it)
+                    if etype is upsert:  # (the only event id PACK3 carries: the item keeps it)
+                        event_id = strs[si]
+                        si += 1
                 else:
+                    event_id = strs[si]
                     etype = types[strs[si + 1]]
                     ii += 3
                     si += 3
