@@ -14,7 +14,7 @@ cpdef bytes encode_forward_pack(object src, object forwards)
 @cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,
                items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t,
                xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t, n_ints=Py_ssize_t, code=cython.longlong,
-               flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple)
+               flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple, j=Py_ssize_t)
 cpdef tuple decode_forward_pack(object data)
 
 @cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t, vecs=list, flat=tuple)
