@@ -31,8 +31,8 @@ cpdef bytes _pack(object vector, object body)
 @cython.locals(out=list, v=list)
 cpdef list _buckets_out(object buckets)
 
-@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, items=list,
-               types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
+@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_of=list, numbers=dict, entries=list, stamps=list,
+               items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
                si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t,
                n_scores=Py_ssize_t, count=Py_ssize_t, dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,
                code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,

@@ -510,9 +510,12 @@ def _check_used(
 
 def decode_forward_entries(
     data: bytes, row_base: int = 0, score_base: int = 0
-) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
-    """Decode a forward pack for the item stage -> (source partition id, seqs, item ids, entries, source
-    record ts ms, dim, user vector block, score block), in pack order.
+) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
+    """Decode a forward pack for the item stage -> (source partition id, seqs, items, item numbers,
+    entries, source record ts ms, dim, user vector block, score block), in pack order.
+
+    ``items`` are the pack's distinct item ids in order of first appearance, and entry ``i``'s item is
+    ``items[item_numbers[i]]``: the item stage looks each item up once a pack, not once an entry.
 
     The entries (:data:`streams.core.state.ItemEntry`) stand for the forwards
     :func:`decode_forward_pack` returns; their rows count from ``row_base`` and their score indexes
@@ -542,10 +545,11 @@ def decode_forward_entries(
     if not v3 and n_strs != count:
         raise StoreError(f"forward pack holds {n_strs} strings, its head says {count}")
     seqs: list[int] = []
-    item_ids: list[str] = []
+    items: list[str] = []  # the pack's items, in order of first appearance
+    item_of: list[int] = []  # each entry's item: its number in items
+    numbers: dict[str, int] = {}  # PACK2: item id -> its number
     entries: list[ItemEntry] = []
     stamps: list[int] = []
-    items: list[str] = []  # PACK3: the pack's items, in order of first appearance
     types = _TYPES
     wire = _WIRE_TYPES
     upsert = _UPSERT
@@ -587,20 +591,25 @@ def decode_forward_entries(
                 us = ts_us
                 ms = ts_ms
             if not v3:
-                item_ids.append(strs[si])
+                iid = strs[si]
                 si += 1
+                number = numbers.get(iid)
+                if number is None:
+                    number = numbers[iid] = len(items)
+                    items.append(iid)
+                item_of.append(number)
                 k = flags >> 3
             else:
                 if flags & 8:
                     items.append(strs[si])
                     si += 1
-                    item_ids.append(items[len(items) - 1])
+                    item_of.append(len(items) - 1)
                 else:
                     j = ints[ii]
                     ii += 1
-                    if j < 0:
+                    if j < 0 or j >= len(items):
                         raise IndexError(j)
-                    item_ids.append(items[j])
+                    item_of.append(j)
                 k = flags >> 4
             entry: ItemEntry
             if flags & 2:
@@ -624,12 +633,12 @@ def decode_forward_entries(
     except (IndexError, KeyError) as exc:
         raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
     _check_used(v3, (fmt, dim, rows, n_scores, count), len(entries), row, si_f, si, n_strs, xi, len(extras))
-    return src, seqs, item_ids, entries, stamps, dim, view[head.size : at], view[at:end]
+    return src, seqs, items, item_of, entries, stamps, dim, view[head.size : at], view[at:end]
 
 
 def _pack1_entries(
     data: bytes, row_base: int, score_base: int
-) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
+) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
     """:func:`decode_forward_entries` of a ``PACK`` record: its forwards, made entries."""
     src, seqs, forwards, stamps = _decode_pack1(data)
     vecs: list[Vec] = []
@@ -637,7 +646,9 @@ def _pack1_entries(
     entries = forward_entries(forwards, vecs, flat, row_base, score_base)
     dim = len(vecs[0]) if vecs else 0
     block = b"".join(vecs)  # type: ignore[arg-type]  # rows of one float32 matrix: buffers
-    return src, seqs, [f.item_id for f in forwards], entries, stamps, dim, block, _pack_f8(len(flat), flat)
+    numbers: dict[str, int] = {}
+    item_of = [numbers.setdefault(f.item_id, len(numbers)) for f in forwards]
+    return src, seqs, list(numbers), item_of, entries, stamps, dim, block, _pack_f8(len(flat), flat)
 
 
 def entry_arrays(dim: int, vec_blocks: list[Any], score_blocks: list[Any]) -> tuple[Any, Any]:

@@ -99,7 +99,7 @@ def test_an_upsert_keeps_its_event_id_and_each_upsert_starts_a_group() -> None:
     data = serde.encode_forward_pack(0, forwards)
     _, _, fws, _ = serde.decode_forward_pack(data)
     assert fws == [ups[0], ups[1], Forward("i2", "", EventType.VIEW, 7)]
-    _, _, _, entries, _, _, _, _ = serde.decode_forward_entries(data)
+    _, _, _, _, entries, _, _, _, _ = serde.decode_forward_entries(data)
     assert [e[5] for e in entries] == [("up-0", True, "c", None), ("up-1", False, "c", None), None]
 
 
@@ -220,8 +220,8 @@ def test_a_pack_writes_each_item_id_once_and_the_type_as_a_number() -> None:
     assert [data.count(f'"item-{j}"'.encode()) for j in range(3)] == [1, 1, 1] and b"view" not in data
     _, _, fws, _ = serde.decode_forward_pack(data)
     assert fws == [_carried(fw) for _, fw, _ in forwards]
-    _, _, ids, entries, _, _, _, _ = serde.decode_forward_entries(data)
-    assert ids == [fw.item_id for _, fw, _ in forwards] and ids[0] is ids[3] is ids[6]  # one string per item
+    _, _, items, item_of, entries, _, _, _, _ = serde.decode_forward_entries(data)
+    assert items == ["item-0", "item-1", "item-2"] and item_of == [0, 1, 2] * 3  # one string per item
     assert entries == [(EventType.VIEW, 5 + k, -1, 0, 0, None) for k in range(9)]
 
 
@@ -437,9 +437,10 @@ def test_forward_pack_entries_stand_for_its_forwards(
     encode = {1: _encode_pack1, 2: _encode_pack2, 3: serde.encode_forward_pack}[fmt]
     data = encode(src, forwards)
     got = serde.decode_forward_entries(data, row_base, score_base)
-    got_src, seqs, item_ids, entries, stamps, dim, vec_block, score_block = got
+    got_src, seqs, items, item_of, entries, stamps, dim, vec_block, score_block = got
     assert (got_src, seqs, stamps) == (src, [s for s, _, _ in forwards], [t for _, _, t in forwards])
-    assert item_ids == [fw.item_id for _, fw, _ in forwards]
+    assert [items[j] for j in item_of] == [fw.item_id for _, fw, _ in forwards]
+    assert items == list(dict.fromkeys(fw.item_id for _, fw, _ in forwards))  # each once, in order
     # the blocks as they sit in a batch's arrays: after row_base rows and score_base scores of other packs
     U, S = serde.entry_arrays(dim or DIM, [bytes(4 * (dim or DIM) * row_base), vec_block],
                               [bytes(8 * score_base), score_block])  # fmt: skip
