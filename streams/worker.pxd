@@ -39,7 +39,8 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
 @cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t, n=Py_ssize_t,
                i=Py_ssize_t, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, pack_dim=Py_ssize_t,
-               vec_blocks=list, score_blocks=list, seqs=list, item_ids=list, entries=list, stamps=list)
+               vec_blocks=list, score_blocks=list, seqs=list, items=list, item_of=list, entries=list, stamps=list,
+               inputs=list, j=Py_ssize_t)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict)

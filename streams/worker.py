@@ -413,7 +413,7 @@ def _group_forward_packs(
     dim = rows = n_scores = 0
     decode = serde.decode_forward_entries
     for m in batch:
-        src, seqs, item_ids, entries, stamps, pack_dim, vec_block, score_block = decode(
+        src, seqs, items, item_of, entries, stamps, pack_dim, vec_block, score_block = decode(
             _msg_value(m) or b"", rows, n_scores
         )
         n = len(entries)
@@ -436,14 +436,20 @@ def _group_forward_packs(
             n_scores += len(score_block) // 8
         off = _msg_offset(m)
         assert off is not None
+        # each of the pack's items' input, found in per_item at the item's first entry: a list index a
+        # forward, a dict lookup an item
+        inputs: list[_ItemInput | None] = [None] * len(items)
         for i in range(start, n):
-            iid = item_ids[i]
-            mine = per_item.get(iid)
+            j = item_of[i]
+            mine = inputs[j]
             if mine is None:
-                per_item[iid] = ([off], [entries[i]])
-            else:
-                mine[0].append(off)
-                mine[1].append(entries[i])
+                iid = items[j]
+                mine = per_item.get(iid)
+                if mine is None:
+                    mine = per_item[iid] = ([], [])
+                inputs[j] = mine
+            mine[0].append(off)
+            mine[1].append(entries[i])
         fresh_ts.extend(stamps[start:] if start else stamps)
     U, S = serde.entry_arrays(dim, vec_blocks, score_blocks)
     return per_item, U, S, read, resent

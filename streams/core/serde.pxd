@@ -8,13 +8,13 @@ import cython
                k=Py_ssize_t, dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
                n=Py_ssize_t, seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
                ts_us=cython.longlong, ts_ms=cython.longlong, g_ts_us=cython.longlong, g_ts_ms=cython.longlong,
-               native=bint, extended=bint, new_group=bint)
+               native=bint, extended=bint, new_group=bint, is_upsert=bint)
 cpdef bytes encode_forward_pack(object src, object forwards)
 
 @cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,
                items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t,
                xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t, n_ints=Py_ssize_t, code=cython.longlong,
-               flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple)
+               flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple, j=Py_ssize_t)
 cpdef tuple decode_forward_pack(object data)
 
 @cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t, vecs=list, flat=tuple)
@@ -40,8 +40,8 @@ cpdef list encode_items(list states)
 @cython.locals(out=list, v=list)
 cpdef list _buckets_out(object buckets)
 
-@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_ids=list, entries=list, stamps=list, items=list,
-               types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
+@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_of=list, numbers=dict, entries=list, stamps=list,
+               items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
                si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t,
                n_scores=Py_ssize_t, count=Py_ssize_t, dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,
                code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,

@@ -318,16 +318,18 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
       record ts (ms), each as the difference from the previous group's (small numbers: cheap to write
       and read), and its type's number (:data:`WIRE_TYPES`); then, when its item is not new in the pack,
       the item's number (the items in order of first appearance);
-    * ``strs``: when the entry starts a group, the group's event id and user id; then, when its item is
-      new in the pack, the item id;
+    * ``strs``: when the entry starts a group of item upserts, the group's event id; then, when its item
+      is new in the pack, the item id;
     * ``extras``: for an extended entry (not eligible, or a category or bootstrap vector: upserts), its
       eligible, category and bootstrap.
 
-    Consecutive forwards of one source record share a group (the event fields once), and an item's id
-    is written once a pack (a pack's forwards are mostly about a few popular items: the item stage
-    then parses and looks up each id once). With ``has_vector`` the next vector row is the entry's
-    user vector; the next ``k`` scores are its negatives' scores. Scores travel as float64: exact for
-    any Python or float32 value.
+    Only what the item stage reads travels: no user id, and an event id only for an upsert (the item
+    keeps it); :func:`decode_forward_pack` gives a ``PACK3`` forward's user id as None and a
+    non-upsert's event id as ``""``. Consecutive forwards of one source record share a group (the event
+    fields once), and an item's id is written once a pack (a pack's forwards are mostly about a few
+    popular items: the item stage then parses and looks up each id once). With ``has_vector`` the next
+    vector row is the entry's user vector; the next ``k`` scores are its negatives' scores. Scores
+    travel as float64: exact for any Python or float32 value.
     """
     ints: list[Any] = []
     strs: list[Any] = []
@@ -342,19 +344,22 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
     pos = last_pos = -1
     g_event: Any = None
     g_type: Any = None
-    g_user: Any = None
+    g_number: Any = None
     g_ts_us = g_ts_ms = 0
     shift = _SLOT_BITS
     slots = FORWARD_SLOTS
     mask = slots - 1
     numbers = _TYPE_NUMBER
+    upsert = _UPSERT
     native = True  # every user vector a native float32 ndarray: the block is their bytes joined
     for seq, f, ts_ms in forwards:
         if seq <= prev:
             raise ValueError(f"forward seqs must increase ({seq} after {prev})")
         prev = seq
         n += 1
-        item_id, event_id, etype, ts_us, user_id, uv, scores, eligible, category, bootstrap = f
+        # f[:] is f's fields as an exact tuple, which compiled code unpacks by C array reads (a Forward,
+        # a tuple subclass, it unpacks through an iterator: ~100 instructions a forward more)
+        item_id, event_id, etype, ts_us, _user_id, uv, scores, eligible, category, bootstrap = f[:]
         pos = seq >> shift
         k = len(scores)
         flags = 16 * k
@@ -367,20 +372,23 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
         if number is None:
             items[item_id] = len(items)
             flags += 8
+        is_upsert = etype is upsert
         new_group = (
-            pos != last_pos or event_id != g_event or etype is not g_type or ts_us != g_ts_us
-            or user_id != g_user or ts_ms != g_ts_ms
+            pos != last_pos or etype is not g_type or ts_us != g_ts_us or ts_ms != g_ts_ms
+            or (is_upsert and event_id != g_event)
         )  # fmt: skip
         if new_group:
             ints.append((flags + 1) * slots + (seq & mask))
             ints.append(pos - max(last_pos, 0))
             ints.append(ts_us - g_ts_us)
             ints.append(ts_ms - g_ts_ms)
-            ints.append(numbers[etype])
-            strs.append(event_id)
-            strs.append(user_id)
+            if etype is not g_type:  # (the type's number: a dict lookup only when the type changes)
+                g_number = numbers[etype]
+            ints.append(g_number)
+            if is_upsert:
+                strs.append(event_id)
             last_pos = pos
-            g_event, g_type, g_ts_us, g_user, g_ts_ms = event_id, etype, ts_us, user_id, ts_ms
+            g_event, g_type, g_ts_us, g_ts_ms = event_id, etype, ts_us, ts_ms
         else:
             ints.append(flags * slots + (seq & mask))
         if number is None:
@@ -445,7 +453,8 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
 
     Reads every format: ``PACK3`` (:func:`encode_forward_pack`) and the older ``PACK2`` and ``PACK``
     (:func:`_decode_pack1`; records written before an upgrade may still be in flight). The item stage
-    reads packs with :func:`decode_forward_entries`.
+    reads packs with :func:`decode_forward_entries`. ``PACK3`` carries only what the item stage reads:
+    its forwards come back without user id (None) and, but for item upserts, without event id (``""``).
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
@@ -459,6 +468,7 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     items: list[str] = []
     types = _TYPES
     wire = _WIRE_TYPES
+    upsert = _UPSERT
     shift = _SLOT_BITS
     mask = FORWARD_SLOTS - 1
     row = si = ii = xi = si_f = 0
@@ -476,13 +486,16 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
                 pos += ints[ii]
                 ts_us += ints[ii + 1]
                 ts_ms += ints[ii + 2]
-                event_id = strs[si]
                 if v3:
-                    etype = wire[ints[ii + 3]]
-                    user_id = strs[si + 1]
+                    j = ints[ii + 3]  # (a C index, compiled)
+                    etype = wire[j]
                     ii += 4
-                    si += 2
+                    event_id = ""  # (PACK3 carries an upsert's event id only, and no user id)
+                    if etype is upsert:
+                        event_id = strs[si]
+                        si += 1
                 else:
+                    event_id = strs[si]
                     etype = types[strs[si + 1]]
                     user_id = strs[si + 2]
                     ii += 3
@@ -541,9 +554,12 @@ def _check_used(
 
 def decode_forward_entries(
     data: bytes, row_base: int = 0, score_base: int = 0
-) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
-    """Decode a forward pack for the item stage -> (source partition id, seqs, item ids, entries, source
-    record ts ms, dim, user vector block, score block), in pack order.
+) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
+    """Decode a forward pack for the item stage -> (source partition id, seqs, items, item numbers,
+    entries, source record ts ms, dim, user vector block, score block), in pack order.
+
+    ``items`` are the pack's distinct item ids in order of first appearance, and entry ``i``'s item is
+    ``items[item_numbers[i]]``: the item stage looks each item up once a pack, not once an entry.
 
     The entries (:data:`streams.core.state.ItemEntry`) stand for the forwards
     :func:`decode_forward_pack` returns; their rows count from ``row_base`` and their score indexes
@@ -573,10 +589,11 @@ def decode_forward_entries(
     if not v3 and n_strs != count:
         raise StoreError(f"forward pack holds {n_strs} strings, its head says {count}")
     seqs: list[int] = []
-    item_ids: list[str] = []
+    items: list[str] = []  # the pack's items, in order of first appearance
+    item_of: list[int] = []  # each entry's item: its number in items
+    numbers: dict[str, int] = {}  # PACK2: item id -> its number
     entries: list[ItemEntry] = []
     stamps: list[int] = []
-    items: list[str] = []  # PACK3: the pack's items, in order of first appearance
     types = _TYPES
     wire = _WIRE_TYPES
     upsert = _UPSERT
@@ -602,12 +619,15 @@ def decode_forward_entries(
                 ts_us += d
                 d = ints[ii + 2]
                 ts_ms += d
-                event_id = strs[si]
                 if v3:
-                    etype = wire[ints[ii + 3]]
+                    j = ints[ii + 3]  # (a C index, compiled)
+                    etype = wire[j]
                     ii += 4
-                    si += 2  # (the user id: the item stage does not read it)
+                    if etype is upsert:  # (the only event id PACK3 carries: the item keeps it)
+                        event_id = strs[si]
+                        si += 1
                 else:
+                    event_id = strs[si]
                     etype = types[strs[si + 1]]
                     ii += 3
                     si += 3
@@ -615,20 +635,25 @@ def decode_forward_entries(
                 us = ts_us
                 ms = ts_ms
             if not v3:
-                item_ids.append(strs[si])
+                iid = strs[si]
                 si += 1
+                number = numbers.get(iid)
+                if number is None:
+                    number = numbers[iid] = len(items)
+                    items.append(iid)
+                item_of.append(number)
                 k = flags >> 3
             else:
                 if flags & 8:
                     items.append(strs[si])
                     si += 1
-                    item_ids.append(items[len(items) - 1])
+                    item_of.append(len(items) - 1)
                 else:
                     j = ints[ii]
                     ii += 1
-                    if j < 0:
+                    if j < 0 or j >= len(items):
                         raise IndexError(j)
-                    item_ids.append(items[j])
+                    item_of.append(j)
                 k = flags >> 4
             entry: ItemEntry
             if flags & 2:
@@ -652,12 +677,12 @@ def decode_forward_entries(
     except (IndexError, KeyError) as exc:
         raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
     _check_used(v3, (fmt, dim, rows, n_scores, count), len(entries), row, si_f, si, n_strs, xi, len(extras))
-    return src, seqs, item_ids, entries, stamps, dim, view[head.size : at], view[at:end]
+    return src, seqs, items, item_of, entries, stamps, dim, view[head.size : at], view[at:end]
 
 
 def _pack1_entries(
     data: bytes, row_base: int, score_base: int
-) -> tuple[int, list[int], list[str], list[ItemEntry], list[int], int, Any, Any]:
+) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
     """:func:`decode_forward_entries` of a ``PACK`` record: its forwards, made entries."""
     src, seqs, forwards, stamps = _decode_pack1(data)
     vecs: list[Vec] = []
@@ -665,7 +690,9 @@ def _pack1_entries(
     entries = forward_entries(forwards, vecs, flat, row_base, score_base)
     dim = len(vecs[0]) if vecs else 0
     block = b"".join(vecs)  # type: ignore[arg-type]  # rows of one float32 matrix: buffers
-    return src, seqs, [f.item_id for f in forwards], entries, stamps, dim, block, _pack_f8(len(flat), flat)
+    numbers: dict[str, int] = {}
+    item_of = [numbers.setdefault(f.item_id, len(numbers)) for f in forwards]
+    return src, seqs, list(numbers), item_of, entries, stamps, dim, block, _pack_f8(len(flat), flat)
 
 
 def entry_arrays(dim: int, vec_blocks: list[Any], score_blocks: list[Any]) -> tuple[Any, Any]:

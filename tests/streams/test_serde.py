@@ -54,6 +54,11 @@ def _pack(draw: Any) -> list[tuple[int, Forward, int]]:
     return out
 
 
+def _carried(fw: Forward) -> Forward:
+    """What ``PACK3`` carries of a forward: no user id, and an event id only for an item upsert."""
+    return fw._replace(user_id=None, event_id=fw.event_id if fw.type is EventType.ITEM_UPSERT else "")
+
+
 def _same(a: Forward, b: Forward) -> bool:
     va, vb = a.user_vector, b.user_vector
     vectors = (va is None and vb is None) or (va is not None and vb is not None and np.array_equal(va, vb))
@@ -70,17 +75,32 @@ def test_forward_pack_round_trips(forwards: list[tuple[int, Forward, int]], src:
     assert seqs == [s for s, _, _ in forwards]
     assert stamps == [t for _, _, t in forwards]
     assert len(fws) == len(forwards)
-    assert all(_same(a, b) for (_, a, _), b in zip(forwards, fws, strict=True))
+    assert all(_same(_carried(a), b) for (_, a, _), b in zip(forwards, fws, strict=True))
 
 
 def test_a_slate_is_one_group_with_the_shared_fields_once() -> None:
     slate = [Forward(f"item-{k}", "imp-7", EventType.IMPRESSION, 123, "user-9") for k in range(20)]
     forwards = [(55 * FORWARD_SLOTS + k, fw, 99) for k, fw in enumerate(slate) if k % 3 != 1]
     data = serde.encode_forward_pack(3, forwards)
-    assert data.count(b"imp-7") == 1 and data.count(b"user-9") == 1
+    assert b"imp-7" not in data and b"user-9" not in data  # the item stage reads neither
+    assert data.endswith(b",[" + b",".join(b'"item-%d"' % k for k in range(20) if k % 3 != 1) + b"],[]]")
     _, seqs, fws, _ = serde.decode_forward_pack(data)
     assert [s % FORWARD_SLOTS for s in seqs] == [k for k in range(20) if k % 3 != 1]
-    assert fws == [fw for _, fw, _ in forwards]
+    assert fws == [Forward(f"item-{k}", "", EventType.IMPRESSION, 123) for k in range(20) if k % 3 != 1]
+    # one group: the first entry's code has the new-group flag, the others do not
+    ints = orjson.loads(data[15:])[1]  # (no vectors, no scores: the body follows the head)
+    assert ints[0] // FORWARD_SLOTS & 1 and not any(c // FORWARD_SLOTS & 1 for c in ints[5:])
+
+
+def test_an_upsert_keeps_its_event_id_and_each_upsert_starts_a_group() -> None:
+    ups = [Forward("i1", f"up-{k}", EventType.ITEM_UPSERT, 7, None, None, (), k == 0, "c", None) for k in range(2)]
+    view = Forward("i2", "v-1", EventType.VIEW, 7, "u1")
+    forwards = [(9 * FORWARD_SLOTS, ups[0], 1), (9 * FORWARD_SLOTS + 1, ups[1], 1), (9 * FORWARD_SLOTS + 2, view, 1)]
+    data = serde.encode_forward_pack(0, forwards)
+    _, _, fws, _ = serde.decode_forward_pack(data)
+    assert fws == [ups[0], ups[1], Forward("i2", "", EventType.VIEW, 7)]
+    _, _, _, _, entries, _, _, _, _ = serde.decode_forward_entries(data)
+    assert [e[5] for e in entries] == [("up-0", True, "c", None), ("up-1", False, "c", None), None]
 
 
 def test_negative_scores_may_be_a_float32_row() -> None:
@@ -148,7 +168,7 @@ def test_a_pack_written_by_the_older_encoder_decodes() -> None:
     new = serde.encode_forward_pack(src, list(zip(seqs, fws, stamps, strict=True)))
     assert new[0] == serde.PACK3 and len(new) < len(old)
     _, seqs2, fws2, stamps2 = serde.decode_forward_pack(new)
-    assert (seqs2, stamps2) == (seqs, stamps) and all(_same(a, b) for a, b in zip(fws, fws2, strict=True))
+    assert (seqs2, stamps2) == (seqs, stamps) and all(_same(_carried(a), b) for a, b in zip(fws, fws2, strict=True))
 
 
 def test_user_vectors_of_another_dtype_or_layout_are_converted() -> None:
@@ -186,8 +206,8 @@ def test_forward_packs_reject_a_body_that_does_not_match_its_head() -> None:
 def test_a_pack3_entry_cannot_refer_past_the_items_before_it() -> None:
     forwards = [(k * FORWARD_SLOTS, Forward("i1", f"e{k}", EventType.CLICK, 5, "u1"), 0) for k in range(2)]
     data = serde.encode_forward_pack(0, forwards)
-    assert data.count(b'"i1"') == 1 and data.endswith(b',0],["e0","u1","i1","e1","u1"],[]]')  # the 2nd: item 0
-    bad = data[: -len(b',0],["e0","u1","i1","e1","u1"],[]]')] + b',1],["e0","u1","i1","e1","u1"],[]]'
+    assert data.count(b'"i1"') == 1 and data.endswith(b',0],["i1"],[]]')  # the 2nd: item 0
+    bad = data[: -len(b',0],["i1"],[]]')] + b',1],["i1"],[]]'
     for decode in (serde.decode_forward_pack, serde.decode_forward_entries):
         with pytest.raises(StoreError, match="past its items"):
             decode(bad)
@@ -199,9 +219,9 @@ def test_a_pack_writes_each_item_id_once_and_the_type_as_a_number() -> None:
     data = serde.encode_forward_pack(0, forwards)
     assert [data.count(f'"item-{j}"'.encode()) for j in range(3)] == [1, 1, 1] and b"view" not in data
     _, _, fws, _ = serde.decode_forward_pack(data)
-    assert fws == [fw for _, fw, _ in forwards]
-    _, _, ids, entries, _, _, _, _ = serde.decode_forward_entries(data)
-    assert ids == [fw.item_id for _, fw, _ in forwards] and ids[0] is ids[3] is ids[6]  # one string per item
+    assert fws == [_carried(fw) for _, fw, _ in forwards]
+    _, _, items, item_of, entries, _, _, _, _ = serde.decode_forward_entries(data)
+    assert items == ["item-0", "item-1", "item-2"] and item_of == [0, 1, 2] * 3  # one string per item
     assert entries == [(EventType.VIEW, 5 + k, -1, 0, 0, None) for k in range(9)]
 
 
@@ -417,9 +437,10 @@ def test_forward_pack_entries_stand_for_its_forwards(
     encode = {1: _encode_pack1, 2: _encode_pack2, 3: serde.encode_forward_pack}[fmt]
     data = encode(src, forwards)
     got = serde.decode_forward_entries(data, row_base, score_base)
-    got_src, seqs, item_ids, entries, stamps, dim, vec_block, score_block = got
+    got_src, seqs, items, item_of, entries, stamps, dim, vec_block, score_block = got
     assert (got_src, seqs, stamps) == (src, [s for s, _, _ in forwards], [t for _, _, t in forwards])
-    assert item_ids == [fw.item_id for _, fw, _ in forwards]
+    assert [items[j] for j in item_of] == [fw.item_id for _, fw, _ in forwards]
+    assert items == list(dict.fromkeys(fw.item_id for _, fw, _ in forwards))  # each once, in order
     # the blocks as they sit in a batch's arrays: after row_base rows and score_base scores of other packs
     U, S = serde.entry_arrays(dim or DIM, [bytes(4 * (dim or DIM) * row_base), vec_block],
                               [bytes(8 * score_base), score_block])  # fmt: skip

@@ -211,7 +211,10 @@ def test_serde_round_trips() -> None:
     item = apply_item_forwards(None, "i1", out.forwards[:1], CFG)
     assert serde.encode_item(serde.decode_item(serde.encode_item(item))) == serde.encode_item(item)
     src, (seq,), (f,), _ = serde.decode_forward_pack(serde.encode_forward_pack(3, [(77, out.forwards[0], 0)]))
-    assert (src, seq, f.event_id) == (3, 77, "e1")
+    fw = out.forwards[0]  # PACK3 carries no user id, nor a click's event id: the item stage reads neither
+    assert (src, seq, f.item_id, f.type, f.ts_us) == (3, 77, fw.item_id, fw.type, fw.ts_us)
+    assert (f.event_id, f.user_id) == ("", None)
+    assert fw.event_id == "e1" and f.neg_scores == fw.neg_scores
     assert f.user_vector is not None and np.array_equal(f.user_vector, out.forwards[0].user_vector)
 
 
