@@ -22,9 +22,9 @@ cpdef long long _horizon(long long max_ts, long long lateness)
 
 @cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
                positives=list, new_recent=list, dups=list, late=list, late_src=list, accepted_at=list, accepted=list,
-               recent=list, recent_n=Py_ssize_t, ti=Py_ssize_t, t=cython.longlong, max_ts=cython.longlong,
-               old_max=cython.longlong, horizon=cython.longlong, lateness=cython.longlong, s_ts=cython.longlong, f=tuple, c=tuple)
-cpdef tuple _apply_user_features(object state, object events, object cfg, Outcome out)
+               recent=list, ti=Py_ssize_t, t=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong,
+               horizon=cython.longlong, s_ts=cython.longlong, f=tuple, c=tuple)
+cpdef tuple _apply_user_features(object state, object events, long long lateness, Py_ssize_t recent_n, Outcome out)
 
 @cython.locals(counts=list)
 cpdef _bump(dict buckets, object idx, Py_ssize_t impressions, Py_ssize_t clicks, Py_ssize_t positives)

@@ -374,7 +374,7 @@ _Step = tuple[str, str, EventType, int]
 
 
 def _apply_user_features(
-    state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome
+    state: UserState, events: Sequence[Event], lateness: int, recent_n: int, out: Outcome
 ) -> tuple[list[Event], list[int], list[_Step]]:
     """Apply the order-independent features of one user's events.
 
@@ -388,8 +388,8 @@ def _apply_user_features(
     seen = state.seen
     # Event times (and ``seen``'s values, ``max_ts``) are int64 (datetimes, years 1-9999): the compiled
     # build compares them as C integers (``t``, ``max_ts``, ``horizon``, ``s_ts``) and keeps each event's
-    # time object (``ts``) for what it stores. The horizon saturates at int64's minimum (see _horizon).
-    lateness = min(cfg.lateness_us, _LATENESS_MAX)  # a longer one excludes no int64 time either
+    # time object (``ts``) for what it stores. The horizon saturates at int64's minimum (see _horizon);
+    # ``lateness`` is at most int64's maximum (see _apply_user_batch).
     max_ts = state.max_ts
     horizon = _horizon(max_ts, lateness)
     counts = state.counts
@@ -490,7 +490,6 @@ def _apply_user_features(
             recent += new_recent
             recent.sort()
             recent.reverse()
-        recent_n = cfg.recent_n
         if len(recent) > recent_n:
             del recent[recent_n:]
     return accepted, accepted_at, positives
@@ -666,10 +665,13 @@ def _apply_user_batch(
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
     positives: list[list[_Step]] = []  # per user
+    # the config's fields read once a batch; a longer lateness excludes no int64 event time either
+    lateness = min(cfg.lateness_us, _LATENESS_MAX)
+    recent_n = cfg.recent_n
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
         out = _blank_outcome()
-        acc, at, pos = _apply_user_features(new, events, cfg, out)
+        acc, at, pos = _apply_user_features(new, events, lateness, recent_n, out)
         news.append(new)
         outs.append(out)
         accepted.append(acc)
