@@ -31,10 +31,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from streams.events import POSITIVE_WEIGHTS, Event, EventType
+from streams.events import POSITIVE_WEIGHTS, Context, Event, EventType
 
 __all__ = [
     "CoreConfig",
@@ -148,6 +149,18 @@ _U64LE = np.dtype("<u8")
 _pack = struct.pack
 _arange = np.arange
 _INTP = np.dtype(np.intp)
+_LATENESS_MAX = (1 << 63) - 1
+_I64_MIN = -_LATENESS_MAX - 1
+#: a Struct's fields as a tuple, in one C call (the cost of ~2 reads by name): the core reads Event's
+#: first eight and Context's first three by position (checked below)
+_fields = msgspec.structs.astuple
+_EVENT_HEAD = ("event_id", "type", "ts_us", "user_id", "item_id", "schema_version", "context", "items")
+_CONTEXT_HEAD = ("surface", "session_id", "device")
+if (
+    Event.__struct_fields__[: len(_EVENT_HEAD)] != _EVENT_HEAD
+    or Context.__struct_fields__[: len(_CONTEXT_HEAD)] != _CONTEXT_HEAD
+):
+    raise TypeError("streams.core.state reads Event's and Context's fields by position; their order changed")
 
 
 _INIT_TABLES: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
@@ -361,7 +374,7 @@ _Step = tuple[str, str, EventType, int]
 
 
 def _apply_user_features(
-    state: UserState, events: Sequence[Event], cfg: CoreConfig, out: Outcome
+    state: UserState, events: Sequence[Event], lateness: int, recent_n: int, out: Outcome
 ) -> tuple[list[Event], list[int], list[_Step]]:
     """Apply the order-independent features of one user's events.
 
@@ -373,9 +386,12 @@ def _apply_user_features(
     dropped (its time is below the current horizon) is not treated as seen.
     """
     seen = state.seen
+    # Event times (and ``seen``'s values, ``max_ts``) are int64 (datetimes, years 1-9999): the compiled
+    # build compares them as C integers (``t``, ``max_ts``, ``horizon``, ``s_ts``) and keeps each event's
+    # time object (``ts``) for what it stores. The horizon saturates at int64's minimum (see _horizon);
+    # ``lateness`` is at most int64's maximum (see _apply_user_batch).
     max_ts = state.max_ts
-    lateness = cfg.lateness_us
-    horizon = max_ts - lateness
+    horizon = _horizon(max_ts, lateness)
     counts = state.counts
     type_index = TYPE_INDEX
     type_value = TYPE_VALUE
@@ -389,13 +405,20 @@ def _apply_user_features(
     positives: list[_Step] = []
     new_recent: list[tuple[int, str, str, str]] = []
     session = state.session
-    # the session's (event time, event id), compared without building tuples; -2**64 is below any time
-    s_ts, s_eid = (session[0], session[1]) if session is not None else (-(1 << 64), "")
-    newest: Event | None = None  # the event that sets the session (its context is read once, at the end)
+    # the session's (event time, event id), compared without building tuples; int64's minimum is below
+    # any event time (a datetime's), so the first event replaces it when there is no session
+    if session is not None:
+        s_ts, s_eid = session[0], session[1]
+    else:
+        s_ts, s_eid = _I64_MIN, ""
+    # the time object and context of the event that sets the session (the context is read once, at the end)
+    newest_ts = 0
+    newest_ctx: Context | None = None
     old_max = max_ts
     for i, ev in enumerate(events):
-        ts = ev.ts_us
-        eid = ev.event_id
+        f = _fields(ev)  # one C call: cheaper than reading the four fields below by name
+        eid, etype, ts, iid = f[0], f[1], f[2], f[4]
+        t = ts  # a C integer in the compiled build; ``ts`` stays the object the state stores
         prev = seen.get(eid)
         if prev is not None and prev >= horizon:
             if dups is None:
@@ -405,7 +428,7 @@ def _apply_user_features(
                 dropped = []
             dropped.append(i)
             continue
-        if ts < horizon:
+        if t < horizon:
             if late is None or late_src is None:
                 late = out.late = []
                 late_src = out.late_src = []
@@ -416,20 +439,18 @@ def _apply_user_features(
             dropped.append(i)
             continue
         seen[eid] = ts
-        if ts > max_ts:
-            max_ts = ts
-            horizon = ts - lateness
-        etype = ev.type
+        if t > max_ts:
+            max_ts = t
+            horizon = _horizon(t, lateness)
         ti = type_index[etype]
         counts[ti] += 1  # a C integer index in the compiled build
-        iid = ev.item_id
         if etype in weights:
-            positives.append((iid, eid, etype, ts))  # type: ignore[arg-type]  # the codec requires item_id here
+            positives.append((iid, eid, etype, ts))  # the codec requires item_id here
         if iid is not None:
             new_recent.append((ts, eid, iid, type_value[etype]))
-        if ts > s_ts or (ts == s_ts and eid > s_eid):
-            s_ts, s_eid = ts, eid
-            newest = ev
+        if t > s_ts or (t == s_ts and eid > s_eid):
+            s_ts, s_eid = t, eid
+            newest_ts, newest_ctx = ts, f[6]
     if dropped:
         skip = set(dropped)
         accepted_at = [i for i in range(len(events)) if i not in skip]
@@ -440,15 +461,15 @@ def _apply_user_features(
         accepted = events if type(events) is list else list(events)
     if not accepted:
         return accepted, accepted_at, positives
-    if newest is not None:
-        ctx = newest.context
-        state.session = (s_ts, s_eid, ctx.session_id, ctx.surface, ctx.device)
+    if newest_ctx is not None:
+        c = _fields(newest_ctx)
+        state.session = (newest_ts, s_eid, c[1], c[0], c[2])  # (time, id, session_id, surface, device)
     state.version += len(accepted)
     if max_ts > old_max:
         state.max_ts = max_ts
     for t in seen.values():  # prune once, when some id fell below the horizon (a loop: cheaper than ``min``)
-        if t < horizon:
-            state.seen = {k: t for k, t in seen.items() if t >= horizon}
+        if t < horizon:  # C integers in the compiled build
+            state.seen = {k: v for k, v in seen.items() if v >= horizon}
             break
     if new_recent:
         # newest first by (event_time, event_id): the top recent_n of old and new entries, which
@@ -469,10 +490,18 @@ def _apply_user_features(
             recent += new_recent
             recent.sort()
             recent.reverse()
-        recent_n = cfg.recent_n
         if len(recent) > recent_n:
             del recent[recent_n:]
     return accepted, accepted_at, positives
+
+
+def _horizon(max_ts: int, lateness: int) -> int:
+    """``max_ts - lateness``, or int64's minimum when that is lower (``lateness`` is in [0, 2**63)).
+
+    Every event time is an int64, so it compares with the saturated horizon as with the exact one;
+    the compiled build computes it in C without overflow.
+    """
+    return max_ts - lateness if max_ts >= _I64_MIN + lateness else _I64_MIN
 
 
 def init_matrix(keys: Sequence[str], cfg: CoreConfig, kind: str) -> npt.NDArray[np.float32]:
@@ -636,10 +665,13 @@ def _apply_user_batch(
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
     positives: list[list[_Step]] = []  # per user
+    # the config's fields read once a batch; a longer lateness excludes no int64 event time either
+    lateness = min(cfg.lateness_us, _LATENESS_MAX)
+    recent_n = cfg.recent_n
     for _uid, state, events in batch:
         new = UserState() if state is None else state if in_place else state.copy()
         out = _blank_outcome()
-        acc, at, pos = _apply_user_features(new, events, cfg, out)
+        acc, at, pos = _apply_user_features(new, events, lateness, recent_n, out)
         news.append(new)
         outs.append(out)
         accepted.append(acc)
@@ -724,18 +756,21 @@ def _apply_user_batch(
         fwds = out.forwards = []
         src = out.forward_src = []
         positive = iter(pos_fw[j])
-        for i, ev in zip(accepted_at[j], accepted[j], strict=True):
-            etype = ev.type
+        at = accepted_at[j]
+        acc = accepted[j]  # as long as ``at`` (a C loop over both; ``zip(strict=True)`` is a keyword call)
+        for k in range(len(acc)):
+            i = at[k]
+            f = _fields(acc[k])
+            etype = f[1]
             if etype is impression:
-                eid, ts, slate = ev.event_id, ev.ts_us, ev.items
+                eid, ts, slate = f[0], f[2], f[7]
                 fwds.extend([_new(Forward, (item, eid, etype, ts, uid, None, (), True, None, None)) for item in slate])
                 src.extend([i] * len(slate))
             elif etype in weights:  # the vector snapshot and negatives' scores of its BPR step
                 fwds.append(next(positive))
                 src.append(i)
             else:
-                fw = (ev.item_id, ev.event_id, etype, ev.ts_us, uid, None, (), True, None, None)
-                fwds.append(_new(Forward, fw))
+                fwds.append(_new(Forward, (f[4], f[0], etype, f[2], uid, None, (), True, None, None)))
                 src.append(i)
         results.append((news[j], out))
     return results

@@ -22,6 +22,7 @@ from streams.core.state import (
     _damped_step,
     _float32s,
     _hash64s,
+    _horizon,
     _rows,
     _uint64s,
     apply_item_batch,
@@ -80,6 +81,40 @@ def test_late_events_are_reported_not_applied() -> None:
     state2, out = apply_user_events(state, "u1", [ev(2, t=2 * H - CFG.lateness_us - 1), ev(3, t=H + 1)], CFG, items)
     assert [e.event_id for e in out.late] == ["e2"]
     assert state2.counts[1] == 2  # e1 and e3 (within the lateness) are applied
+
+
+def test_horizon_is_the_exact_difference_or_int64s_minimum() -> None:
+    assert _horizon(10 * H, H) == 9 * H
+    assert _horizon(0, 0) == 0
+    assert _horizon(-(2**62), 2**62) == -(2**63)  # exactly int64's minimum
+    assert _horizon(-(2**62) - 1, 2**62) == -(2**63)  # below it: saturated
+    assert _horizon(2**63 - 1, 2**63 - 1) == 0
+    assert _horizon(-1, 2**63 - 1) == -(2**63)
+
+
+YEAR_1_US = -62_135_596_800 * 1_000_000  # 0001-01-01T00:00:00Z, the earliest event time
+YEAR_9999_US = 253_402_300_799 * 1_000_000  # 9999-12-31T23:59:59Z
+
+
+@pytest.mark.parametrize("lateness", [2**63 - 1, 2**63, 2**70])
+def test_a_lateness_beyond_int64_drops_no_event_time_and_still_finds_duplicates(lateness: int) -> None:
+    cfg = CoreConfig(dim=8, lateness_us=lateness)
+    items = ItemReplica(cfg)
+    newest = Event("e1", EventType.CLICK, YEAR_9999_US, user_id="u1", item_id="a", context=Context(session_id="s9"))
+    oldest = Event("e2", EventType.VIEW, YEAR_1_US, user_id="u1", item_id="b", context=Context(session_id="s1"))
+    state, out = apply_user_events(None, "u1", [newest, oldest], cfg, items)
+    assert out.late == () and out.duplicates == ()
+    assert state.max_ts == YEAR_9999_US and state.seen == {"e1": YEAR_9999_US, "e2": YEAR_1_US}
+    assert state.session == (YEAR_9999_US, "e1", "s9", None, None)
+    again, out = apply_user_events(state, "u1", [oldest], cfg, items)
+    assert [d.event_id for d in out.duplicates] == ["e2"] and again.version == 2
+
+
+def test_the_first_event_sets_the_session_even_at_the_earliest_time() -> None:
+    first = Event("", EventType.VIEW, YEAR_1_US, user_id="u1", item_id="a", context=Context("home", "s1", "tv"))
+    cfg = CoreConfig(dim=8, lateness_us=2**63)  # a new state's max_ts is 0: the event is not late
+    state, out = apply_user_events(None, "u1", [first], cfg, ItemReplica(cfg))
+    assert out.late == () and state.session == (YEAR_1_US, "", "s1", "home", "tv")
 
 
 def test_input_state_is_not_mutated() -> None:
