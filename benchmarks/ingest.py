@@ -332,7 +332,8 @@ def main() -> None:
         worker = WorkerProc(settings, tmp / "stats.json")
         s = worker.wait(lambda s: s["events"] >= len(backlog) and s["item_records"] >= n_forwards, 600)
         rate = len(backlog) / (float(s["last_batch_at"]) - float(s["first_batch_at"]))  # type: ignore[arg-type]
-        print(f"worker: {rate:,.0f} events/s ({s})", flush=True)
+        cpu_us = (float(s["last_batch_cpu_s"]) - float(s["first_batch_cpu_s"])) / len(backlog) * 1e6  # type: ignore[arg-type]
+        print(f"worker: {rate:,.0f} events/s, loop thread {cpu_us:.1f} us CPU an event ({s})", flush=True)
 
         # 4. freshness at about half the sustained rate
         target = args.fresh_rate or max(1000.0, rate / 2)

@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False
     #: decoded user/item states kept in memory per worker process, write-through (0 disables it);
-    #: split evenly over the shards a worker can own (2 x partitions). It saves the decode of a
+    #: shared by the shards the worker owns, each growing into what the others leave free (users
+    #: usually need far more room than items; streams/worker.py ``_share_cache``). It saves the decode of a
     #: hot key's state (~15 us for a user with 50 recent items) in every batch: on
     #: benchmarks/ingest.py freshness p50 137-152 ms with it, 239-333 ms without (same throughput).
     state_cache_entries: int = Field(100_000, ge=0)

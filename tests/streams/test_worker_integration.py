@@ -263,6 +263,29 @@ def test_state_cache_gives_the_same_counts_as_the_store(live_settings: Settings,
     assert _user_counts(s) == expected
 
 
+def test_one_cache_budget_serves_every_shard_so_busy_user_shards_keep_all_their_states(
+    live_settings: Settings,
+) -> None:
+    # 600 users and 40 items over 2 x 3 shards, a budget of 700 states: an equal split (116 a shard)
+    # would leave ~200 users a user shard evicting every pass; shared, every state stays cached, so
+    # the only misses are each key's first sight (nothing stored yet) and the store is never re-read
+    s = live_settings.model_copy(update={"state_cache_entries": 700, "batch_size": 500})
+    ensure_topics(s)
+    records = list(synthetic_events(6_000, users=600, items=40, seed=5, start_us=int(time.time() * 1e6) - 10**9,
+                                    step_us=1, bad_every=0))  # fmt: skip
+    objs = [orjson.loads(r.value) for r in records]
+    users = {o["user_id"] for o in objs}
+    items = {o["item_id"] for o in objs if o["type"] != "impression"} | {
+        i for o in objs if o["type"] == "impression" for i in o["items"]
+    }
+    produce_records(make_producer(s.bootstrap_servers), s.topics.events, iter(records))
+    worker = StreamWorker(s)
+    stats = worker.stats
+    _run_until(worker, lambda: stats.events >= len(records) and stats.forwards <= stats.item_records)
+    assert worker.stats.state_cache_misses == len(users) + len(items)
+    assert _user_counts(s) == Counter(o["user_id"] for o in objs)
+
+
 class _ReportsUndelivered:
     """The worker's real producer, except that ``flush`` reports one record as not delivered."""
 

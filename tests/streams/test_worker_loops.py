@@ -82,6 +82,30 @@ def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
     assert b"off" not in cache
 
 
+class _Held:
+    """A shard as ``_share_cache`` sees it: a cache and a limit."""
+
+    def __init__(self, held: int) -> None:
+        self.cache = {str(i).encode(): i for i in range(held)}
+        self.cache_entries = -1
+
+
+def test_share_cache_lets_a_busy_shard_grow_into_what_the_others_leave_free() -> None:
+    users, items = _Held(50), _Held(5)
+    share: Any = worker._share_cache  # (stand-in shards)
+    share([users, items], 100)
+    # 45 free: either shard may take all of it this batch, and neither is held below an equal share
+    assert (users.cache_entries, items.cache_entries) == (95, 50)
+    full, small = _Held(97), _Held(5)  # one batch overshot the budget by 2
+    share([full, small], 100)
+    assert (full.cache_entries, small.cache_entries) == (95, 50)  # the big shard evicts back under
+    share([_Held(0)], 0)
+    off = _Held(3)
+    share([off], 0)
+    assert off.cache_entries == 0  # 0 turns the cache off
+    share([], 100)  # nothing open: nothing to do
+
+
 class _Store:
     def __init__(self, data: dict[bytes, bytes]) -> None:
         self.data = data
