@@ -620,7 +620,8 @@ def _store_items(
     if not len(ids) == len(raw_keys) == len(keys):
         raise ValueError("one key per id")
     for n in range(len(work)):
-        applied = results[n].offsets  # (typed, as in _store_users)
+        new = results[n]
+        applied = new.offsets  # (typed, as in _store_users)
         applied[topic] = offsets[n][-1]
     values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
     _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)
