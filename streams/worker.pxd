@@ -5,7 +5,7 @@
 # direct C calls from within the module.
 import cython
 # the states' and the core's Outcome's fields as C struct members (the compiled state module's extension types)
-from streams.core.state cimport ItemState, Outcome, UserState
+from streams.core.state cimport ItemState, Outcome, UserState, forward_seqs
 
 cpdef object _lowest(list xs)
 
@@ -46,7 +46,7 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict, new=UserState,
-               out=Outcome)
+               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog, list ids,
                               list raw_keys, list keys) except -1

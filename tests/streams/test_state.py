@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
+import pickle
 import zlib
 
 import numpy as np
@@ -537,15 +539,17 @@ def test_the_state_classes_keep_the_dataclass_api() -> None:
         "UserState(counts=[0, 0, 0, 0, 0, 0], recent=[], session=None, seen={}, max_ts=3, vector=None, steps=0, "
         "version=0, offsets={})"
     )
-    copy = user.copy()
-    assert copy.vector is not vec and serde.encode_user(copy) == serde.encode_user(user)
+    twin = user.copy()
+    assert twin.vector is not vec and serde.encode_user(twin) == serde.encode_user(user)
     with pytest.raises(ValueError, match="ambiguous"):  # two vector objects: compared as arrays, as a dataclass does
-        _ = copy == user
+        _ = twin == user
     other = dataclasses.replace(user, vector=None, max_ts=9)
     assert other.max_ts == 9 and other.seen is user.seen and other != user and user != "user"
     assert dataclasses.asdict(other)["offsets"] == {"events": 7}
     with pytest.raises(TypeError):
         hash(user)  # mutable: unhashable, as an eq=True dataclass
+    for again in (pickle.loads(pickle.dumps(user)), copy.deepcopy(user)):
+        assert type(again) is UserState and serde.encode_user(again) == serde.encode_user(user)
     item = ItemState(b60={3: [1, 0, 1]}, max_ts=4, eligible=False, category="c", upsert_key=(4, "u1"))
     assert [f.name for f in dataclasses.fields(ItemState)] == [
         "counts", "b5", "b60", "max_ts", "eligible", "category", "vector", "steps", "version", "offsets", "upsert_key",
