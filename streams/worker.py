@@ -522,7 +522,8 @@ def _store_users(
         if not len(seqs) == len(fws) == len(fw_src):
             raise ValueError("one sequence number and source per forward")
         for j in range(len(fws)):
-            forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
+            src = fw_src[j]  # (a C index, compiled: ``offs[src]`` is a direct list read)
+            forwards.append((seqs[j], fws[j], rec_ts[offs[src]]))
     values = serde.encode_users(news)  # (with their offsets: encoded after the loop above)
     _put_states(work, news, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     return duplicates
@@ -620,7 +621,8 @@ def _store_items(
     if not len(ids) == len(raw_keys) == len(keys):
         raise ValueError("one key per id")
     for n in range(len(work)):
-        applied = results[n].offsets  # (typed, as in _store_users)
+        new = results[n]
+        applied = new.offsets  # (typed, as in _store_users)
         applied[topic] = offsets[n][-1]
     values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
     _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)
