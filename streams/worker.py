@@ -361,12 +361,12 @@ def _group_user_events(
     ``stamps`` every record's, in batch order.
     """
     per_user: dict[str, _UserInput] = {}
-    decode = codec.decode
+    decode = codec.decode_at  # (the record's timestamp is the future check's reference: a C integer there)
     for m in batch:
         ts_ms = _msg_timestamp(m)[1]
         stamps.append(ts_ms)
         try:
-            ev = decode(_msg_value(m) or b"", ts_ms * 1000 if ts_ms > 0 else None)
+            ev = decode(_msg_value(m) or b"", ts_ms)
         except InvalidEvent as exc:
             rejected.append((m, exc.reason, exc.detail))
             continue
