@@ -15,6 +15,8 @@ cpdef object _utc_time_us(str text)
 
 cdef Py_ssize_t _ID_LEN
 cdef long long _FUTURE_US
+cdef Py_ssize_t _MAX_BYTES
+cdef Py_ssize_t _MAX_SLATE
 cdef long long _REF_MIN
 cdef long long _REF_MAX
 

@@ -223,7 +223,9 @@ def decode_strict(data: bytes, ref_us: int | None = None) -> Event:
 # names the reason. A property test checks that both decoders agree on arbitrary input.
 _I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the strict path
 _ID_LEN = MAX_ID_LEN  # (a C constant in the compiled build: ``decode`` checks the ids' lengths)
-_FUTURE_US = MAX_FUTURE_US  # (C constants too: the future check compares C integers)
+_FUTURE_US = MAX_FUTURE_US  # (C constants too: the size and future checks compare C integers)
+_MAX_BYTES = MAX_EVENT_BYTES
+_MAX_SLATE = MAX_SLATE
 #: the reference times ``_decode`` takes: every event time lies in int64 (datetime's years 1-9999), so a
 #: reference time outside these bounds compares with all of them as the nearest bound does
 _REF_MIN = -(2**63)
@@ -397,7 +399,7 @@ def _decode(data: bytes, check: bool, ref_us: int) -> Event:
 
     Whatever it does not accept outright goes to :func:`decode_strict`.
     """
-    if len(data) > MAX_EVENT_BYTES:
+    if len(data) > _MAX_BYTES:
         return _strict(data, check, ref_us)
     # (the fallbacks are called outside the except blocks: a rejection's error carries no context)
     if not (_isascii(data) if type(data) is bytes else data.isascii()):
@@ -451,7 +453,7 @@ def _decode(data: bytes, check: bool, ref_us: int) -> Event:
     eligible = True
     vector = None
     if etype is _IMPRESSION:
-        if raw_items is None or len(raw_items) > MAX_SLATE:
+        if raw_items is None or len(raw_items) > _MAX_SLATE:
             return _strict(data, check, ref_us)
         items = raw_items
         propensity = raw_p
