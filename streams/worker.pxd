@@ -7,6 +7,7 @@ import cython
 # the states' and the core's Outcome's fields as C struct members (the compiled state module's extension types)
 from streams.core.state cimport ItemState, Outcome, UserState, forward_seqs
 
+@cython.locals(i=Py_ssize_t)
 cpdef object _lowest(list xs)
 
 cpdef object _highest(list xs)
@@ -32,7 +33,7 @@ cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, obj
 @cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)
 
-@cython.locals(per_user=dict, mine=tuple)
+@cython.locals(per_user=dict, mine=tuple, fresh=tuple)
 cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
 @cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list,
