@@ -228,7 +228,7 @@ _MAX_BYTES = MAX_EVENT_BYTES
 _MAX_SLATE = MAX_SLATE
 #: the reference times ``_decode`` takes: every event time lies in int64 (datetime's years 1-9999), so a
 #: reference time outside these bounds compares with all of them as the nearest bound does
-_REF_MIN = -(2**63)
+_REF_MIN = -_I64 - 1
 _REF_MAX = _I64 - MAX_FUTURE_US
 
 
