@@ -65,9 +65,12 @@ cpdef list _rounds(list per_key, Py_ssize_t max_rounds)
 cpdef _store_vectors(list news, list order, object M, list n_steps)
 
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, es=list, e=tuple,
-               at=list, starts=list, lrs=list, k=Py_ssize_t, same_k=bint, n=Py_ssize_t, i=Py_ssize_t)
+               at=list, lrs=list, k=Py_ssize_t, same_k=bint, by_row=bint, n=Py_ssize_t, i=Py_ssize_t,
+               r=Py_ssize_t, s0=Py_ssize_t)
 cpdef _item_steps(list news, list steps, object cfg, object ids=*, object U=*, object S=*)
 
 cpdef object _float32s(list values)
 
 cpdef object _uint64s(list values)
+
+cpdef object _intps(list values)
