@@ -242,7 +242,9 @@ def test_item_steps_with_ragged_negatives_equal_the_usual_path_for_the_other_ite
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=24), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31))
+@given(
+    st.lists(st.integers(0, 3), min_size=1, max_size=24), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31)
+)
 def test_item_steps_read_scores_by_row_or_by_start_alike(items: list[int], k: int, shift: int, seed: int) -> None:
     """Where every entry's k scores sit at k x its row, the item steps read the scores as rows of k, else
     by each entry's start: the same states, bit for bit (here: the same entries, their scores moved)."""
