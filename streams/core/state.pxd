@@ -38,7 +38,7 @@ cpdef bint _any_below(dict buckets, long long lo) except -1
                run5=cython.longlong, i60=cython.longlong, lo5=cython.longlong, lo60=cython.longlong,
                b5_us=cython.longlong, b60_us=cython.longlong, b5_per_b60=cython.longlong,
                n_events=Py_ssize_t, ti=Py_ssize_t, i_impr=Py_ssize_t, i_click=Py_ssize_t, imp=Py_ssize_t,
-               clk=Py_ssize_t, pos=Py_ssize_t)
+               clk=Py_ssize_t, pos=Py_ssize_t, n_impr=Py_ssize_t, n_click=Py_ssize_t)
 cpdef list _apply_item_entries(object new, object iid, object entries, object cfg, object U, object S)
 
 @cython.locals(out=list, fw=object, ns=object)

@@ -832,6 +832,7 @@ def _apply_item_entries(
     # time order, so the buckets take one update per run, not one per event.
     runs: list[tuple[int, int, int, int]] = []
     n_events = i5 = run5 = imp = clk = pos = 0
+    n_impr = n_click = 0  # (C integers, compiled: added to the counts once, not a Python int per event)
     mine: list[ItemEntry] = []
     old_max = max_ts = new.max_ts
     for e in entries:
@@ -865,20 +866,22 @@ def _apply_item_entries(
             run5 = i5
             imp = clk = pos = 0
         n_events += 1
-        # the type's count: impressions and clicks (most entries) without the dict lookup
+        # the type's count: impressions and clicks (most entries) without the dict lookup, counted here
         if etype is impression:
             imp += 1
-            ti = i_impr
+            n_impr += 1
         elif etype is click:
             clk += 1
             pos += 1
-            ti = i_click
+            n_click += 1
         else:
             pos += 1
             ti = type_index[etype]
-        counts[ti] += 1  # a C integer index in the compiled build
+            counts[ti] += 1  # a C integer index in the compiled build
     if not n_events:
         return mine
+    counts[i_impr] += n_impr
+    counts[i_click] += n_click
     runs.append((run5, imp, clk, pos))
     new.version += n_events
     # The buckets hold the exact counts of the windows [top - keep, top] of the final newest
