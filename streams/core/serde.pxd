@@ -5,16 +5,16 @@ import cython
 from streams.core.state cimport ItemState, UserState
 
 # positions, seqs and times as C integers: Kafka offsets and timestamps, and event times in us (years
-# 1-9999), are int64
-@cython.locals(ints=list, strs=list, extras=list, vectors=list, scores_flat=list, numbers=dict, items=dict,
-               k=Py_ssize_t, dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t, mask=cython.longlong, shift=int,
-               n=Py_ssize_t, seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
+# 1-9999), are int64; the int block is a typed memoryview, written by C array stores
+@cython.locals(ints="long long[::1]", ni=Py_ssize_t, strs=list, extras=list, vectors=list, scores_flat=list,
+               numbers=dict, items=dict, k=Py_ssize_t, dim=Py_ssize_t, flags=Py_ssize_t, slots=Py_ssize_t,
+               mask=cython.longlong, shift=int, n=Py_ssize_t, seq=cython.longlong, prev=cython.longlong, pos=cython.longlong, last_pos=cython.longlong,
                ts_us=cython.longlong, ts_ms=cython.longlong, g_ts_us=cython.longlong, g_ts_ms=cython.longlong,
                native=bint, extended=bint, new_group=bint, is_upsert=bint)
 cpdef bytes encode_forward_pack(object src, object forwards)
 
-@cython.locals(vecs=list, flat=tuple, ints=list, strs=list, extras=list, seqs=list, forwards=list, stamps=list,
-               items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t,
+@cython.locals(vecs=list, flat=tuple, ints="const long long[::1]", strs=list, extras=list, seqs=list, forwards=list,
+               stamps=list, items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t,
                xi=Py_ssize_t, si_f=Py_ssize_t, k=Py_ssize_t, n_ints=Py_ssize_t, code=cython.longlong,
                flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple, j=Py_ssize_t)
 cpdef tuple decode_forward_pack(object data)
@@ -51,7 +51,9 @@ cpdef list encode_items(list states)
 @cython.locals(out=list, v=list)
 cpdef list _buckets_out(object buckets)
 
-@cython.locals(ints=list, strs=list, extras=list, seqs=list, item_of=list, numbers=dict, entries=list, stamps=list,
+# the integers as C integers where they lie (PACK4) or in an array (the body's list: PACK3, PACK2)
+@cython.locals(ints="const long long[::1]", strs=list, extras=list, seqs=list, item_of=list, numbers=dict,
+               entries=list, stamps=list, body_at=Py_ssize_t,
                items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
                si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t,
                n_scores=Py_ssize_t, count=Py_ssize_t, dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,

@@ -15,8 +15,8 @@ to encode instead of ~13.5k, and ~20% fewer bytes.
 A forward pack (topic ``events.by-item``) holds all of one user-stage batch's forwards bound for one
 item partition, grouped by source record (the shared event fields once, then each item with its
 forward sub-index, each item's id once), user vectors as one float32 block and negatives' scores as
-one float64 block; see :func:`encode_forward_pack`. The item stage decodes it with
-:func:`decode_forward_entries`.
+one float64 block, the entries' integers as one int64 block; see :func:`encode_forward_pack`. The item
+stage decodes it with :func:`decode_forward_entries`.
 
 ``feature_digest`` is the canonical encoding of the deterministic part of a
 state: what replay parity checksums compare (vectors and offsets excluded).
@@ -25,6 +25,8 @@ state: what replay parity checksums compare (vectors and offsets excluded).
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,14 +72,20 @@ _HEAD = struct.Struct("<BH")
 _HEAD_SIZE = _HEAD.size
 _TYPES = {t.value: t for t in EventType}
 _UPSERT = EventType.ITEM_UPSERT
-#: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK3 is
-#: written; PACK2 (type names, every entry's item id) and PACK (nested lists per group and entry), the
-#: formats before, are still read
+#: the first byte of a forward pack (never a state FORMAT, so the two cannot be confused): PACK4 is
+#: written; PACK3 (the same entries, their integers in the orjson body), PACK2 (type names, every
+#: entry's item id) and PACK (nested lists per group and entry), the formats before, are still read
 PACK = 0x46
 PACK2 = 0x47
 PACK3 = 0x48
+PACK4 = 0x49
 _PACK_HEAD = struct.Struct("<BHII")
 _PACK23_HEAD = struct.Struct("<BHIII")
+#: PACK4: PACK3's head and the number of int64s in the int block
+_PACK4_HEAD = struct.Struct("<BHIIII")
+#: at most a forward's integers in a pack: its code, a group's 4 fields, its item's number
+_MAX_INTS = 6
+_LITTLE = sys.byteorder == "little"  # the int block is little-endian int64, a native view here
 #: PACK3's numbers of the event types. Append only: a number, once written, keeps its type.
 WIRE_TYPES = (
     EventType.VIEW,
@@ -309,9 +317,10 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
 
     ``src`` is the source partition id the item stage keeps a high-water mark for, and ``seq`` a
     forward's number there (``position * FORWARD_SLOTS + sub``, :func:`streams.core.state.forward_seqs`).
-    Layout (format ``PACK3``): ``PACK3 | dim uint16 | vectors uint32 | scores uint32 | entries uint32 |
-    vectors x dim float32 | scores x float64 | orjson body``. The body is ``[src, ints, strs, extras]``,
-    flat lists read in step, one entry (forward) after another:
+    Layout (format ``PACK4``): ``PACK4 | dim uint16 | vectors uint32 | scores uint32 | entries uint32 |
+    ints uint32 | vectors x dim float32 | scores x float64 | ints x int64 | orjson body``, little-endian.
+    The int block ``ints`` and the body ``[src, strs, extras]`` are flat sequences read in step, one entry
+    (forward) after another:
 
     * ``ints``: the entry's code ``sub + FORWARD_SLOTS * (new_group + 2 * has_vector + 4 * extended +
       8 * new_item + 16 * k)``; then, when it starts a group, the group's position, event time (us) and
@@ -324,14 +333,20 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
       eligible, category and bootstrap.
 
     Only what the item stage reads travels: no user id, and an event id only for an upsert (the item
-    keeps it); :func:`decode_forward_pack` gives a ``PACK3`` forward's user id as None and a
-    non-upsert's event id as ``""``. Consecutive forwards of one source record share a group (the event
-    fields once), and an item's id is written once a pack (a pack's forwards are mostly about a few
-    popular items: the item stage then parses and looks up each id once). With ``has_vector`` the next
-    vector row is the entry's user vector; the next ``k`` scores are its negatives' scores. Scores
-    travel as float64: exact for any Python or float32 value.
+    keeps it); :func:`decode_forward_pack` gives a ``PACK4`` (``PACK3``) forward's user id as None and a
+    non-upsert's event id as ``""``. ``PACK3`` is the same but for the integers, which it writes as the
+    body's second list (``[src, ints, strs, extras]``): as a binary block they cost no JSON and no
+    Python int to write or read (the compiled decoder reads them as C integers where they lie).
+    Consecutive forwards of one source record share a group (the event fields once), and an item's id
+    is written once a pack (a pack's forwards are mostly about a few popular items: the item stage then
+    parses and looks up each id once). With ``has_vector`` the next vector row is the entry's user
+    vector; the next ``k`` scores are its negatives' scores. Scores travel as float64: exact for any
+    Python or float32 value.
     """
-    ints: list[Any] = []
+    # the int block, written in place (a C array store each, compiled), with room for _MAX_INTS a forward
+    buf = bytearray(8 * _MAX_INTS * len(forwards))
+    ints = memoryview(buf).cast("q")
+    ni = 0
     strs: list[Any] = []
     extras: list[Any] = []
     vectors: list[Vec] = []
@@ -378,23 +393,26 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
             or (is_upsert and event_id != g_event)
         )  # fmt: skip
         if new_group:
-            ints.append((flags + 1) * slots + (seq & mask))
-            ints.append(pos - max(last_pos, 0))
-            ints.append(ts_us - g_ts_us)
-            ints.append(ts_ms - g_ts_ms)
+            ints[ni] = (flags + 1) * slots + (seq & mask)
+            ints[ni + 1] = pos - max(last_pos, 0)
+            ints[ni + 2] = ts_us - g_ts_us
+            ints[ni + 3] = ts_ms - g_ts_ms
             if etype is not g_type:  # (the type's number: a dict lookup only when the type changes)
                 g_number = numbers[etype]
-            ints.append(g_number)
+            ints[ni + 4] = g_number
+            ni += 5
             if is_upsert:
                 strs.append(event_id)
             last_pos = pos
             g_event, g_type, g_ts_us, g_ts_ms = event_id, etype, ts_us, ts_ms
         else:
-            ints.append(flags * slots + (seq & mask))
+            ints[ni] = flags * slots + (seq & mask)
+            ni += 1
         if number is None:
             strs.append(item_id)
         else:
-            ints.append(number)
+            ints[ni] = number
+            ni += 1
         if k:
             scores_flat.extend(scores)
         if uv is not None:
@@ -409,7 +427,7 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
             extras.append(eligible)
             extras.append(category)
             extras.append(None if bootstrap is None else _floats(bootstrap))
-    head_bytes = _PACK23_HEAD.pack(PACK3, max(dim, 0), len(vectors), len(scores_flat), n)
+    head_bytes = _PACK4_HEAD.pack(PACK4, max(dim, 0), len(vectors), len(scores_flat), n, ni)
     block = b""
     if vectors:
         if native:
@@ -420,7 +438,30 @@ def encode_forward_pack(src: int, forwards: Sequence[tuple[int, Forward, int]]) 
         if not native:
             block = np.concatenate(vectors).astype(_F4, copy=False).tobytes()
     score_bytes = _pack_f8(len(scores_flat), scores_flat) if scores_flat else b""
-    return b"".join((head_bytes, block, score_bytes, _dumps([src, ints, strs, extras])))
+    int_block = memoryview(buf)[: 8 * ni] if _LITTLE else _swapped64(memoryview(buf)[: 8 * ni])
+    return b"".join((head_bytes, block, score_bytes, int_block, _dumps([src, strs, extras])))
+
+
+def _swapped64(data: Any) -> bytes:
+    """int64s in the other byte order: the int block on a big-endian machine (the wire's is little-endian)."""
+    a = array("q", bytes(data))
+    a.byteswap()
+    return a.tobytes()
+
+
+def _int64s(data: Any) -> memoryview:
+    """A pack's int block as native int64s: a view of ``data`` on a little-endian machine."""
+    return memoryview(data if _LITTLE else _swapped64(data)).cast("q")
+
+
+def _int64s_of(ints: Any) -> memoryview:
+    """``PACK3``'s and ``PACK2``'s integers (the body's list) as native int64s, the way ``PACK4``'s are read."""
+    if type(ints) is not list:
+        raise StoreError("forward pack body: its integers are not a list")
+    try:
+        return memoryview(array("q", ints))
+    except (OverflowError, TypeError):
+        raise StoreError("forward pack body: an integer out of int64, or not an integer") from None
 
 
 def _pack_f8(n: int, xs: list[float]) -> bytes:
@@ -430,11 +471,12 @@ def _pack_f8(n: int, xs: list[float]) -> bytes:
 
 def _pack_blocks(
     data: bytes, head: struct.Struct, fmt: int
-) -> tuple[tuple[int, ...], list[Vec], tuple[float, ...], Any]:
-    """A forward pack's header fields, user vectors, negatives' scores and decoded body (either format).
+) -> tuple[tuple[int, ...], list[Vec], tuple[float, ...], int]:
+    """A forward pack's header fields, user vectors, negatives' scores and where what follows them begins.
 
-    The header starts ``first byte, dim, vectors, scores``; the blocks follow it, then the orjson body.
-    The scores are a tuple: its slices are each forward's ``neg_scores`` (no list per forward).
+    The header starts ``first byte, dim, vectors, scores``; the blocks follow it (then, but in ``PACK4``,
+    the orjson body). The scores are a tuple: its slices are each forward's ``neg_scores`` (no list per
+    forward).
     """
     if len(data) < head.size:
         raise StoreError("forward pack too short")
@@ -445,23 +487,23 @@ def _pack_blocks(
     at = head.size + 4 * dim * rows
     vecs: list[Vec] = list(_frombuffer(data, _F4, dim * rows, head.size).reshape(rows, dim).copy()) if rows else []
     flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
-    return fields, vecs, flat, orjson.loads(memoryview(data)[at + 8 * n_scores :])
+    return fields, vecs, flat, at + 8 * n_scores
 
 
 def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack -> (source partition id, seqs, forwards, source record ts ms), in pack order.
 
-    Reads every format: ``PACK3`` (:func:`encode_forward_pack`) and the older ``PACK2`` and ``PACK``
-    (:func:`_decode_pack1`; records written before an upgrade may still be in flight). The item stage
-    reads packs with :func:`decode_forward_entries`. ``PACK3`` carries only what the item stage reads:
-    its forwards come back without user id (None) and, but for item upserts, without event id (``""``).
+    Reads every format: ``PACK4`` (:func:`encode_forward_pack`) and the older ``PACK3``, ``PACK2`` and
+    ``PACK`` (:func:`_decode_pack1`; records written before an upgrade may still be in flight). The item
+    stage reads packs with :func:`decode_forward_entries`. ``PACK4`` and ``PACK3`` carry only what the
+    item stage reads: their forwards come back without user id (None) and, but for item upserts, without
+    event id (``""``).
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
     if data[0] == PACK:
         return _decode_pack1(data)
-    v3, head, vecs, flat, body = _pack23(data)
-    src, ints, strs, extras = body
+    v3, head, vecs, flat, src, ints, strs, extras = _pack234(data)
     seqs: list[int] = []
     forwards: list[Forward] = []
     stamps: list[int] = []
@@ -506,8 +548,11 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
                 si += 1
                 items.append(item_id)
             else:
-                item_id = items[ints[ii]]
+                j = ints[ii]
                 ii += 1
+                if j < 0 or j >= len(items):  # (not a negative index from the end)
+                    raise IndexError(j)
+                item_id = items[j]
             k = flags >> 4 if v3 else flags >> 3
             vec = None
             if flags & 2:
@@ -531,13 +576,24 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     return src, seqs, forwards, stamps
 
 
-def _pack23(data: bytes) -> tuple[bool, tuple[int, ...], list[Vec], tuple[float, ...], Any]:
-    """:func:`_pack_blocks` of a ``PACK3`` or ``PACK2`` record, and whether it is ``PACK3``."""
+def _pack234(
+    data: bytes,
+) -> tuple[bool, tuple[int, ...], list[Vec], tuple[float, ...], Any, memoryview, list[Any], list[Any]]:
+    """A ``PACK4``, ``PACK3`` or ``PACK2`` record's parts -> (whether its entries number their items (not
+    ``PACK2``), head (``PACK3``'s fields), vectors, scores, src, ints, strs, extras)."""
+    if data[0] == PACK4:
+        head, vecs, flat, end = _pack_blocks(data, _PACK4_HEAD, PACK4)
+        body_at = end + 8 * head[5]
+        if len(data) < body_at:
+            raise StoreError("forward pack too short")
+        src, strs, extras = orjson.loads(memoryview(data)[body_at:])
+        return True, head[:5], vecs, flat, src, _int64s(memoryview(data)[end:body_at]), strs, extras
     v3 = data[0] == PACK3
-    head, vecs, flat, body = _pack_blocks(data, _PACK23_HEAD, PACK3 if v3 else PACK2)
-    if not v3 and len(body[2]) != head[4]:
-        raise StoreError(f"forward pack holds {len(body[2])} strings, its head says {head[4]}")
-    return v3, head, vecs, flat, body
+    head, vecs, flat, end = _pack_blocks(data, _PACK23_HEAD, PACK3 if v3 else PACK2)
+    src, ints, strs, extras = orjson.loads(memoryview(data)[end:])
+    if not v3 and len(strs) != head[4]:
+        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {head[4]}")
+    return v3, head, vecs, flat, src, _int64s_of(ints), strs, extras
 
 
 def _check_used(
@@ -565,26 +621,39 @@ def decode_forward_entries(
     :func:`decode_forward_pack` returns; their rows count from ``row_base`` and their score indexes
     from ``score_base``: where this pack's blocks (float32 rows of ``dim``, float64 scores) begin
     once a batch's blocks are joined (:func:`entry_arrays`). No :class:`Forward`, no array or tuple
-    per forward (that took a quarter off the item stage's decode), and in ``PACK3`` one string per
-    item, which every entry of the item shares (its hash computed once). Reads every format.
+    per forward (that took a quarter off the item stage's decode), and since ``PACK3`` one string per
+    item, which every entry of the item shares (its hash computed once). ``PACK4``'s integers are read
+    where they lie (C integers, compiled), ``PACK3``'s and ``PACK2``'s from the body's list. Reads every
+    format.
     """
     if len(data) < 1:
         raise StoreError("forward pack too short")
-    if data[0] == PACK:
+    fmt = data[0]
+    if fmt == PACK:
         return _pack1_entries(data, row_base, score_base)
-    head = _PACK23_HEAD
+    head = _PACK4_HEAD if fmt == PACK4 else _PACK23_HEAD
     if len(data) < head.size:
         raise StoreError("forward pack too short")
-    fmt, dim, rows, n_scores, count = head.unpack_from(data)
-    v3 = fmt == PACK3
+    n_ints = 0
+    if fmt == PACK4:
+        fmt, dim, rows, n_scores, count, n_ints = head.unpack_from(data)
+    else:
+        fmt, dim, rows, n_scores, count = head.unpack_from(data)
+    v3 = fmt == PACK4 or fmt == PACK3  # (entries that number their items)
     if not v3 and fmt != PACK2:
         raise StoreError(f"not a forward pack (first byte {fmt})")
     at = head.size + 4 * dim * rows
     end = at + 8 * n_scores
-    if len(data) < end:
+    body_at = end + 8 * n_ints
+    if len(data) < body_at:
         raise StoreError("forward pack too short")
     view = memoryview(data)
-    src, ints, strs, extras = orjson.loads(view[end:])
+    if fmt == PACK4:
+        ints = _int64s(view[end:body_at])
+        src, strs, extras = orjson.loads(view[body_at:])
+    else:
+        src, listed, strs, extras = orjson.loads(view[end:])
+        ints = _int64s_of(listed)
     n_strs = len(strs)
     if not v3 and n_strs != count:
         raise StoreError(f"forward pack holds {n_strs} strings, its head says {count}")
@@ -703,9 +772,9 @@ def entry_arrays(dim: int, vec_blocks: list[Any], score_blocks: list[Any]) -> tu
 
 def _decode_pack1(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
     """Decode a forward pack of the older ``PACK`` format (nested lists per group and entry)."""
-    head, vecs, flat, body = _pack_blocks(data, _PACK_HEAD, PACK)
+    head, vecs, flat, end = _pack_blocks(data, _PACK_HEAD, PACK)
     rows, n_scores = head[2], head[3]
-    src, groups = body
+    src, groups = orjson.loads(memoryview(data)[end:])
     seqs: list[int] = []
     forwards: list[Forward] = []
     stamps: list[int] = []

@@ -66,7 +66,7 @@ cpdef bint _any_below(dict buckets, long long lo) except -1
                run5=cython.longlong, i60=cython.longlong, lo5=cython.longlong, lo60=cython.longlong,
                b5_us=cython.longlong, b60_us=cython.longlong, b5_per_b60=cython.longlong,
                n_events=Py_ssize_t, ti=Py_ssize_t, i_impr=Py_ssize_t, i_click=Py_ssize_t, imp=Py_ssize_t,
-               clk=Py_ssize_t, pos=Py_ssize_t)
+               clk=Py_ssize_t, pos=Py_ssize_t, n_impr=Py_ssize_t, n_click=Py_ssize_t)
 cpdef list _apply_item_entries(ItemState new, object iid, object entries, object cfg, object U, object S)
 
 @cython.locals(out=list, fw=object, ns=object)
@@ -93,9 +93,12 @@ cpdef list _rounds(list per_key, Py_ssize_t max_rounds)
 cpdef _store_vectors(list news, list order, object M, list n_steps)
 
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, es=list, e=tuple,
-               at=list, starts=list, lrs=list, k=Py_ssize_t, same_k=bint, n=Py_ssize_t, i=Py_ssize_t)
+               at=list, lrs=list, k=Py_ssize_t, same_k=bint, by_row=bint, n=Py_ssize_t, i=Py_ssize_t,
+               r=Py_ssize_t, s0=Py_ssize_t)
 cpdef _item_steps(list news, list steps, object cfg, object ids=*, object U=*, object S=*)
 
 cpdef object _float32s(list values)
 
 cpdef object _uint64s(list values)
+
+cpdef object _intps(list values)

@@ -571,6 +571,12 @@ def _uint64s(values: list[int]) -> npt.NDArray[np.uint64]:
     return np.frombuffer(_pack(f"{len(values)}I", *values), dtype=np.uint32).astype(np.uint64)
 
 
+def _intps(values: list[int]) -> npt.NDArray[np.intp]:
+    """``np.array(values, np.intp)`` of a list of ints (indexes), like :func:`_float32s`: struct packs them
+    in one C loop (``n``: the C ``ssize_t``, numpy's intp) where numpy discovers each item's type."""
+    return np.frombuffer(_pack(f"{len(values)}n", *values), dtype=_INTP)
+
+
 def _rows(vectors: list[Vec], dim: int) -> npt.NDArray[np.float32]:
     """Stack equal-length vectors into a new, writable float32 matrix (see :func:`_joined`).
 
@@ -856,6 +862,7 @@ def _apply_item_entries(
     # time order, so the buckets take one update per run, not one per event.
     runs: list[tuple[int, int, int, int]] = []
     n_events = i5 = run5 = imp = clk = pos = 0
+    n_impr = n_click = 0  # (C integers, compiled: added to the counts once, not a Python int per event)
     mine: list[ItemEntry] = []
     old_max = max_ts = new.max_ts
     for e in entries:
@@ -889,20 +896,22 @@ def _apply_item_entries(
             run5 = i5
             imp = clk = pos = 0
         n_events += 1
-        # the type's count: impressions and clicks (most entries) without the dict lookup
+        # the type's count: impressions and clicks (most entries) without the dict lookup, counted here
         if etype is impression:
             imp += 1
-            ti = i_impr
+            n_impr += 1
         elif etype is click:
             clk += 1
             pos += 1
-            ti = i_click
+            n_click += 1
         else:
             pos += 1
             ti = type_index[etype]
-        counts[ti] += 1  # a C integer index in the compiled build
+            counts[ti] += 1  # a C integer index in the compiled build
     if not n_events:
         return mine
+    counts[i_impr] += n_impr
+    counts[i_click] += n_click
     runs.append((run5, imp, clk, pos))
     new.version += n_events
     # The buckets hold the exact counts of the windows [top - keep, top] of the final newest
@@ -1038,23 +1047,34 @@ def _item_steps(
         # one pass over the round's entries: their user vector rows, first scores and learning rates,
         # and whether they all have the same number of negatives
         at = []
-        starts = []
         lrs = []
         k = es[0][4]
         same_k = k > 0
+        # whether each entry's scores are the k at k x its row: then S, read as rows of k, is indexed
+        # like U (so it is in a batch whose vector-bearing entries all have k scores, the usual case)
+        by_row = same_k and len(S) % k == 0
         for e in es:
             at.append(e[2])
-            starts.append(e[3])
             if e[4] != k:
                 same_k = False
+            else:
+                r = e[2]  # (C integers, compiled)
+                s0 = e[3]
+                if s0 != k * r:
+                    by_row = False
             lrs.append(lr_of[e[0]])
         # the rows and scores, bit for bit, as new arrays: ``take`` copies rows in a tight loop (half the
-        # cost of ``U[at]``), and an intp array of the starts skips numpy's type discovery
-        Ur = U.take(at, 0)
-        Ve = V[rows]
+        # cost of ``U[at]``); the rows as an intp array built by struct (numpy's conversion of a list
+        # discovers each item's type)
+        ats = _intps(at)
+        Ur = U.take(ats, 0)
+        Ve = V.take(rows, 0)  # (a row gather as U.take: the same rows, at a fraction of fancy indexing)
         pos = np.einsum("fd,fd->f", Ur, Ve)
         if same_k:  # the usual case: the same k > 0 negatives each
-            NS = S.take(np.array(starts, _INTP)[:, None] + _arange(k)).astype(np.float32)
+            if by_row:
+                NS = S.reshape(-1, k).take(ats, 0).astype(np.float32)
+            else:
+                NS = S.take(_intps([e[3] for e in es])[:, None] + _arange(k)).astype(np.float32)
             g = _sigmoid(NS - pos[:, None]).sum(axis=1) / np.float32(k)
         else:
             k = 1

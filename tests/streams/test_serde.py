@@ -55,7 +55,7 @@ def _pack(draw: Any) -> list[tuple[int, Forward, int]]:
 
 
 def _carried(fw: Forward) -> Forward:
-    """What ``PACK3`` carries of a forward: no user id, and an event id only for an item upsert."""
+    """What ``PACK4`` (and ``PACK3``) carries of a forward: no user id, and an event id only for an item upsert."""
     return fw._replace(user_id=None, event_id=fw.event_id if fw.type is EventType.ITEM_UPSERT else "")
 
 
@@ -69,13 +69,91 @@ def _same(a: Forward, b: Forward) -> bool:
 @given(_pack(), st.integers(0, 2**20))
 def test_forward_pack_round_trips(forwards: list[tuple[int, Forward, int]], src: int) -> None:
     data = serde.encode_forward_pack(src, forwards)
-    assert data[0] == serde.PACK3
+    assert data[0] == serde.PACK4
     got_src, seqs, fws, stamps = serde.decode_forward_pack(data)
     assert got_src == src
     assert seqs == [s for s, _, _ in forwards]
     assert stamps == [t for _, _, t in forwards]
     assert len(fws) == len(forwards)
     assert all(_same(_carried(a), b) for (_, a, _), b in zip(forwards, fws, strict=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_pack(), st.integers(0, 2**20))
+def test_the_pack3_format_still_decodes(forwards: list[tuple[int, Forward, int]], src: int) -> None:
+    """Records written before an upgrade (format ``PACK3``: the integers in the body) decode as ``PACK4``'s."""
+    data = serde.encode_forward_pack(src, forwards)
+    old = _as_pack3(data)
+    assert old[0] == serde.PACK3
+    assert _same_packs(serde.decode_forward_pack(old), serde.decode_forward_pack(data))
+    got, want = serde.decode_forward_entries(old, 3, 5), serde.decode_forward_entries(data, 3, 5)
+    assert got[:7] == want[:7] and [bytes(b) for b in got[7:]] == [bytes(b) for b in want[7:]]
+
+
+def _same_packs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return a[::3] == b[::3] and a[1] == b[1] and all(_same(x, y) for x, y in zip(a[2], b[2], strict=True))
+
+
+def _pack4_ints(data: bytes) -> list[int]:
+    """A ``PACK4`` record's int block, read by hand: little-endian int64s after the vectors and scores."""
+    fmt, dim, rows, n_scores, _, n_ints = struct.unpack_from("<BHIIII", data)
+    assert fmt == serde.PACK4
+    return list(struct.unpack_from(f"<{n_ints}q", data, 19 + 4 * dim * rows + 8 * n_scores))
+
+
+def _as_pack3(data: bytes) -> bytes:
+    """The ``PACK3`` record of a ``PACK4`` one: the same head (less the int count), blocks and entries, the
+    integers as the body's second list."""
+    fmt, dim, rows, n_scores, count, n_ints = struct.unpack_from("<BHIIII", data)
+    at = 19 + 4 * dim * rows + 8 * n_scores
+    src, strs, extras = orjson.loads(data[at + 8 * n_ints :])
+    head = struct.pack("<BHIII", serde.PACK3, dim, rows, n_scores, count)
+    return head + data[19:at] + orjson.dumps([src, _pack4_ints(data), strs, extras])
+
+
+def test_a_pack_written_by_the_pack3_encoder_decodes() -> None:
+    # bytes written by the PACK3 encoder (before PACK4): a view with a user vector and two scores, a slate of
+    # two impressions (one of an item seen before), an upsert with a bootstrap vector
+    old = (
+        b"H\x03\x00\x01\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00?\x00\x00\xa0\xbf\x00\x00@@"
+        b"\x00\x00\x00\x00\x00\x00\xd0?\x00\x00\x00\x00\x00\x00\xf8\xbf"
+        b"[5,[44032,7,1790000000000001,1790000000123,0,9216,2,1,1,4,3,0,13312,3,-2,1,5],"
+        b'["i1","i2","e3","i4"],[false,"shoes",[1.0,2.0,0.5]]]'
+    )
+    s = FORWARD_SLOTS
+    vec = np.array([0.5, -1.25, 3.0], dtype=np.float32)
+    want = [
+        (7 * s, Forward("i1", "e1", EventType.VIEW, 1790000000000001, "u1", vec, (0.25, -1.5)), 1790000000123),
+        (9 * s, Forward("i2", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
+        (9 * s + 3, Forward("i1", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
+        (12 * s, Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes",
+                         (1.0, 2.0, 0.5)), 1790000000125),
+    ]  # fmt: skip
+    src, seqs, fws, stamps = serde.decode_forward_pack(old)
+    assert (src, seqs, stamps) == (5, [q for q, _, _ in want], [t for _, _, t in want])
+    assert all(_same(_carried(fw), got) for (_, fw, _), got in zip(want, fws, strict=True))
+    # PACK4: the same head (and the int count), blocks and entries; the integers as little-endian int64s
+    new = serde.encode_forward_pack(5, want)
+    ints = [44032, 7, 1790000000000001, 1790000000123, 0, 9216, 2, 1, 1, 4, 3, 0, 13312, 3, -2, 1, 5]
+    assert new == (
+        struct.pack("<BHIIII", serde.PACK4, 3, 1, 2, 4, 17) + old[15:43] + struct.pack("<17q", *ints)
+        + b'[5,["i1","i2","e3","i4"],[false,"shoes",[1.0,2.0,0.5]]]'
+    )  # fmt: skip
+    assert _as_pack3(new) == old
+
+
+def test_the_int_block_is_little_endian_whatever_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a big-endian machine the int block is byteswapped both ways (emulated: the flag flipped here)."""
+    fw = Forward("i1", "e1", EventType.CLICK, 1790000000000001, "u1", np.ones(DIM, dtype=np.float32), (0.5,))
+    forwards = [(k * FORWARD_SLOTS + 3, fw._replace(item_id=f"i{k % 2}"), 1790000000123 + k) for k in range(3)]
+    data = serde.encode_forward_pack(7, forwards)
+    want, want_entries = serde.decode_forward_pack(data), serde.decode_forward_entries(data)[:7]
+    monkeypatch.setattr(serde, "_LITTLE", not serde._LITTLE)
+    swapped = serde.encode_forward_pack(7, forwards)
+    ints = _pack4_ints(data)
+    assert swapped == data.replace(struct.pack(f"<{len(ints)}q", *ints), struct.pack(f">{len(ints)}q", *ints))
+    assert _same_packs(serde.decode_forward_pack(swapped), want)
+    assert serde.decode_forward_entries(swapped)[:7] == want_entries
 
 
 def test_a_slate_is_one_group_with_the_shared_fields_once() -> None:
@@ -88,7 +166,7 @@ def test_a_slate_is_one_group_with_the_shared_fields_once() -> None:
     assert [s % FORWARD_SLOTS for s in seqs] == [k for k in range(20) if k % 3 != 1]
     assert fws == [Forward(f"item-{k}", "", EventType.IMPRESSION, 123) for k in range(20) if k % 3 != 1]
     # one group: the first entry's code has the new-group flag, the others do not
-    ints = orjson.loads(data[15:])[1]  # (no vectors, no scores: the body follows the head)
+    ints = _pack4_ints(data)
     assert ints[0] // FORWARD_SLOTS & 1 and not any(c // FORWARD_SLOTS & 1 for c in ints[5:])
 
 
@@ -164,9 +242,9 @@ def test_a_pack_written_by_the_older_encoder_decodes() -> None:
         Forward("i3", "e2", EventType.IMPRESSION, 1790000000000002, "u2"),
         Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes", (1.0, 2.0, 0.5)),
     ]
-    # the same forwards in PACK3: smaller, and equal after decoding
+    # the same forwards in PACK4: smaller, and equal after decoding
     new = serde.encode_forward_pack(src, list(zip(seqs, fws, stamps, strict=True)))
-    assert new[0] == serde.PACK3 and len(new) < len(old)
+    assert new[0] == serde.PACK4 and len(new) < len(old)
     _, seqs2, fws2, stamps2 = serde.decode_forward_pack(new)
     assert (seqs2, stamps2) == (seqs, stamps) and all(_same(_carried(a), b) for a, b in zip(fws, fws2, strict=True))
 
@@ -206,11 +284,17 @@ def test_forward_packs_reject_a_body_that_does_not_match_its_head() -> None:
 def test_a_pack3_entry_cannot_refer_past_the_items_before_it() -> None:
     forwards = [(k * FORWARD_SLOTS, Forward("i1", f"e{k}", EventType.CLICK, 5, "u1"), 0) for k in range(2)]
     data = serde.encode_forward_pack(0, forwards)
-    assert data.count(b'"i1"') == 1 and data.endswith(b',0],["i1"],[]]')  # the 2nd: item 0
-    bad = data[: -len(b',0],["i1"],[]]')] + b',1],["i1"],[]]'
-    for decode in (serde.decode_forward_pack, serde.decode_forward_entries):
-        with pytest.raises(StoreError, match="past its items"):
-            decode(bad)
+    assert data.count(b'"i1"') == 1 and _pack4_ints(data)[-1] == 0  # the 2nd: item 0
+    data3 = _as_pack3(data)
+    assert data3.endswith(b',0],["i1"],[]]')
+    bad3 = data3[: -len(b',0],["i1"],[]]')] + b',1],["i1"],[]]'
+    at = data.index(b'[0,["i1"]')  # the body follows the int block, whose last int64 is the item number
+    for n in (1, -1):
+        bad4 = data[: at - 8] + struct.pack("<q", n) + data[at:]
+        for bad in (bad3, bad4):
+            for decode in (serde.decode_forward_pack, serde.decode_forward_entries):
+                with pytest.raises(StoreError, match="past its items"):
+                    decode(bad)
 
 
 def test_a_pack_writes_each_item_id_once_and_the_type_as_a_number() -> None:

@@ -31,9 +31,11 @@ from streams.core.state import (
     _rows,
     _uint64s,
     apply_item_batch,
+    apply_item_entries,
     apply_item_forwards,
     apply_user_batch,
     apply_user_events,
+    forward_entries,
     forward_seqs,
     hash64,
     init_matrix,
@@ -242,6 +244,33 @@ def test_item_steps_with_ragged_negatives_equal_the_usual_path_for_the_other_ite
     assert (usual[0].steps, ragged[1].steps) == (6, 2)
     # and a key's negatives scores do matter (the masked path is not a no-op)
     assert not np.array_equal(usual[1].vector, ragged[1].vector)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=1, max_size=24), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31)
+)
+def test_item_steps_read_scores_by_row_or_by_start_alike(items: list[int], k: int, shift: int, seed: int) -> None:
+    """Where every entry's k scores sit at k x its row, the item steps read the scores as rows of k, else
+    by each entry's start: the same states, bit for bit (here: the same entries, their scores moved)."""
+    rng = np.random.default_rng(seed)
+    per_item: dict[str, list[Forward]] = {}
+    for i, item in enumerate(items):
+        u = rng.standard_normal(CFG.dim).astype(np.float32)
+        per_item.setdefault(f"i{item}", []).append(
+            Forward(f"i{item}", f"e{i}", EventType.CLICK, T0 + i, "u1", u, tuple(rng.standard_normal(k).tolist()))
+        )
+    vecs: list[np.ndarray] = []
+    flat: list[float] = []
+    work = [(iid, None, forward_entries(fws, vecs, flat)) for iid, fws in per_item.items()]
+    U = _rows(vecs, CFG.dim)
+    by_row = apply_item_entries(work, CFG, U, np.array(flat, dtype=np.float64))
+    # the same scores after ``shift`` others: each start moves, and S no longer reads as rows of k
+    moved = [(iid, None, [(e[0], e[1], e[2], e[3] + shift, e[4], e[5]) for e in es]) for iid, _, es in work]
+    by_start = apply_item_entries(moved, CFG, U, np.array([9.0] * shift + flat, dtype=np.float64))
+    assert [serde.encode_item(s) for s in by_row] == [serde.encode_item(s) for s in by_start]
+    forwards = apply_item_batch([(iid, None, fws) for iid, fws in per_item.items()], CFG)
+    assert [serde.encode_item(s) for s in by_row] == [serde.encode_item(s) for s in forwards]
 
 
 def test_serde_round_trips() -> None:
