@@ -53,7 +53,7 @@ cpdef list forward_seqs(Outcome out, object positions)
 @cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
                out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
-               evs=list, ns_rows=list, ev_rows=list, snaps=list, iids=list, crcs=list, lrs=list, st=tuple, eid=str,
+               evs=list, ns=tuple, n_neg=Py_ssize_t, at0=Py_ssize_t, n_long=Py_ssize_t, ev_rows=list, snaps=list, iids=list, crcs=list, lrs=list, st=tuple, eid=str,
                at=list, acc=list, k=Py_ssize_t, f=tuple)
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 

@@ -369,8 +369,9 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
 
-#: a positive event's embedding step: its ``(item_id, event_id, type, ts_us)``, a Forward's first four fields
-_Step = tuple[str, str, EventType, int]
+#: a positive event's embedding step: the event's fields as ``astuple`` gives them (``_EVENT_HEAD``'s order:
+#: event_id, type, ts_us, user_id, item_id, ...), the tuple the features pass reads the event through anyway
+_Step = tuple[Any, ...]
 
 
 def _apply_user_features(
@@ -379,7 +380,7 @@ def _apply_user_features(
     """Apply the order-independent features of one user's events.
 
     Returns the accepted events, their indexes in ``events`` and the steps of the positive ones
-    among them (:data:`_Step`: the fields the embedding rounds read, each read off the event once).
+    among them (:data:`_Step`: their fields, read off each event once, by one ``astuple`` call).
     Equal to applying the events one at a time, where each event that advances the
     user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
     is pruned once at the end, and an id that per-event pruning would already have
@@ -445,7 +446,7 @@ def _apply_user_features(
         ti = type_index[etype]
         counts[ti] += 1  # a C integer index in the compiled build
         if etype in weights:
-            positives.append((iid, eid, etype, ts))  # the codec requires item_id here
+            positives.append(f)  # the fields tuple itself: no new tuple (the codec requires item_id here)
         if iid is not None:
             new_recent.append((ts, eid, iid, type_value[etype]))
         if t > s_ts or (t == s_ts and eid > s_eid):
@@ -665,6 +666,8 @@ def _apply_user_batch(
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
     positives: list[list[_Step]] = []  # per user
+    n_pos: list[int] = []  # per user: len(positives[j])
+    n_long = 0  # users with more than one positive
     # the config's fields read once a batch; a longer lateness excludes no int64 event time either
     lateness = min(cfg.lateness_us, _LATENESS_MAX)
     recent_n = cfg.recent_n
@@ -677,9 +680,17 @@ def _apply_user_batch(
         accepted.append(acc)
         accepted_at.append(at)
         positives.append(pos)
+        n_pos.append(len(pos))
+        if len(pos) > 1:
+            n_long += 1
     weights = POSITIVE_WEIGHTS
-    n_pos = list(map(len, positives))
-    order = sorted([j for j, n in enumerate(n_pos) if n], key=n_pos.__getitem__, reverse=True)  # stable
+    # the users with positives by decreasing count, ties in batch order (a stable sort): those with more
+    # than one (few) sorted, then those with one in batch order. A keyed sort of all cost ~350 a user.
+    if n_long:
+        order = sorted([j for j in range(len(n_pos)) if n_pos[j] > 1], key=n_pos.__getitem__, reverse=True)
+        order += [j for j in range(len(n_pos)) if n_pos[j] == 1]
+    else:
+        order = [j for j in range(len(n_pos)) if n_pos[j]]
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
     pos_fw: list[list[Forward]] = [[] for _ in batch]
@@ -708,24 +719,26 @@ def _apply_user_batch(
             iids = []
             crcs = []
             lrs = []
-            for st in evs:
-                iids.append(st[0])
-                eid = st[1]  # a str local in the compiled build: ``encode`` is a direct C call
+            for st in evs:  # an event's fields (see _Step)
+                iids.append(st[4])
+                eid = st[0]  # a str local in the compiled build: ``encode`` is a direct C call
                 crcs.append(_crc32(eid.encode(), seed))
-                lrs.append(lr_of[st[2]])
+                lrs.append(lr_of[st[1]])
             V = items.get_many(iids)
             hs = _uint64s(crcs)
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
-            Ue = U[rows]
+            Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
             neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
             pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = _float32s(lrs)
-            ns_rows = neg_scores.tolist()
+            # the scores as one tuple, each forward's a slice of it: no list per row to build and copy
+            ns = tuple(neg_scores.ravel().tolist())
+            n_neg = neg_scores.shape[1]
             ev_rows = rows.tolist()
             # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
             # vector before the batch, bit for bit: that array itself, not a new view per forward.
@@ -737,8 +750,9 @@ def _apply_user_batch(
             for e in range(len(evs)):
                 st = evs[e]
                 row = ev_rows[e]
+                at0 = n_neg * e
                 row_fw[row].append(
-                    _new(Forward, (st[0], st[1], st[2], st[3], row_uid[row], snaps[e], tuple(ns_rows[e]), True,
+                    _new(Forward, (st[4], st[0], st[1], st[2], row_uid[row], snaps[e], ns[at0 : at0 + n_neg], True,
                                    None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
