@@ -416,6 +416,7 @@ def _apply_user_features(
     newest_ts = 0
     newest_ctx: Context | None = None
     old_max = max_ts
+    max_obj = 0  # the time object of the newest event, when it advances ``max_ts``
     for i, ev in enumerate(events):
         f = _fields(ev)  # one C call: cheaper than reading the four fields below by name
         eid, etype, ts, iid = f[0], f[1], f[2], f[4]
@@ -442,6 +443,7 @@ def _apply_user_features(
         seen[eid] = ts
         if t > max_ts:
             max_ts = t
+            max_obj = ts  # the object, stored as ``max_ts`` below: no new int
             horizon = _horizon(t, lateness)
         ti = type_index[etype]
         counts[ti] += 1  # a C integer index in the compiled build
@@ -467,7 +469,7 @@ def _apply_user_features(
         state.session = (newest_ts, s_eid, c[1], c[0], c[2])  # (time, id, session_id, surface, device)
     state.version += len(accepted)
     if max_ts > old_max:
-        state.max_ts = max_ts
+        state.max_ts = max_obj
     for t in seen.values():  # prune once, when some id fell below the horizon (a loop: cheaper than ``min``)
         if t < horizon:  # C integers in the compiled build
             state.seen = {k: v for k, v in seen.items() if v >= horizon}
@@ -482,7 +484,9 @@ def _apply_user_features(
             new_recent.reverse()
         # in place: ``state`` is the caller's copy (or given up, ``in_place``), like ``counts`` and ``seen``
         recent = state.recent
-        if not recent or new_recent[-1] > recent[0]:  # all newer than the kept ones (live, in order)
+        # all newer than the kept ones (live, in order)? The entries' times first: two int comparisons, not
+        # a tuple comparison (which tests the times for equality first); the tuples when the times do not decide
+        if not recent or new_recent[-1][0] > recent[0][0] or new_recent[-1] > recent[0]:
             if len(new_recent) == 1:  # the usual case: ``insert`` is a direct C call, a slice assignment is not
                 recent.insert(0, new_recent[0])
             else:
