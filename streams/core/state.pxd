@@ -54,7 +54,7 @@ cpdef list forward_seqs(Outcome out, object positions)
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
                out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
                evs=list, ns=tuple, n_neg=Py_ssize_t, at0=Py_ssize_t, n_long=Py_ssize_t, ev_rows=list, snaps=list, iids=list, crcs=list, lrs=list, st=tuple, eid=str,
-               at=list, acc=list, k=Py_ssize_t, f=tuple)
+               at=list, acc=list, k=Py_ssize_t, f=tuple, per_key=list, vecs=list)
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
 @cython.locals(lens=list, n_long=Py_ssize_t, m=Py_ssize_t, r=Py_ssize_t, q=Py_ssize_t, bounds=list, lo=list, hi=list,

@@ -701,13 +701,29 @@ def _apply_user_batch(
     uids = [b[0] for b in batch]
     if order:
         dim = cfg.dim
-        fresh = [j for j in order if news[j].vector is None]
+        # per row of U (the users in ``order``), in one pass: the user's vector before the batch, its id, its
+        # positives and their forwards; the rows of users without a vector yet
+        vecs: list[Vec | None] = []
+        row_uid = []
+        row_fw = []
+        per_key = []
+        fresh = []
+        for row in range(len(order)):
+            j = order[row]
+            vec = news[j].vector
+            if vec is None:
+                fresh.append(row)
+            vecs.append(vec)
+            row_uid.append(uids[j])
+            row_fw.append(pos_fw[j])
+            per_key.append(positives[j])
         if fresh:
-            init = init_matrix([uids[j] for j in fresh], cfg, "u")
-            for row, j in enumerate(fresh):
-                news[j].vector = init[row]
-        # the vectors before the batch, one per row of U (the users in ``order``)
-        before: list[Vec] | None = [news[j].vector for j in order]  # type: ignore[misc]
+            init = init_matrix([row_uid[row] for row in fresh], cfg, "u")
+            for k in range(len(fresh)):
+                row = fresh[k]
+                vec = init[k]
+                news[order[row]].vector = vecs[row] = vec
+        before: list[Vec] | None = vecs  # type: ignore[assignment]  # each row has its vector now
         U = _joined(before, dim)  # type: ignore[arg-type]
         if U is None:  # some vector is not float32 of ``dim``: converted, so U's rows are not those vectors
             U = _rows(before, dim)  # type: ignore[arg-type]
@@ -715,10 +731,7 @@ def _apply_user_batch(
         reg = np.float32(cfg.reg)
         lr_of = {t: cfg.lr * w for t, w in weights.items()}
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
-        # per row of U: the user's id and its positives' forwards
-        row_uid = [uids[j] for j in order]
-        row_fw = [pos_fw[j] for j in order]
-        for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
+        for m, evs, sizes, rows in _rounds(per_key, cfg.max_rounds):
             # one pass over the round's steps: item ids, the CRC-32s of the event ids, learning rates
             iids = []
             crcs = []

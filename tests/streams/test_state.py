@@ -527,8 +527,9 @@ _STEP_TYPES = [EventType.CLICK, EventType.VIEW, EventType.IMPRESSION]
     st.booleans(),
 )
 def test_each_user_of_a_batch_steps_as_if_alone(types: list[list[EventType]], max_rounds: int, known: bool) -> None:
-    """Users with any number of positives (ordered by count for the rounds, ties in batch order) get the
-    state and forwards (vector snapshots, negatives' scores) of their events applied without the others."""
+    """Users with any number of positives (ordered by count for the rounds, ties in batch order), new
+    ones (odd) among ones with a vector, get the state and forwards (vector snapshots, negatives'
+    scores) of their events applied without the others."""
     cfg = CoreConfig(dim=8, max_rounds=max_rounds, negatives=3)
     items = ItemReplica(cfg)
     if known:  # else no item to sample negatives from: one zero negative a step
@@ -541,10 +542,12 @@ def test_each_user_of_a_batch_steps_as_if_alone(types: list[list[EventType]], ma
                   items=("i1", "i2") if t is EventType.IMPRESSION else ())
             for i, t in enumerate(ts)
         ]  # fmt: skip
-        batch.append((f"u{u}", None, evs))
+        first = Event(f"p{u}", EventType.CLICK, T0 - 1, user_id=f"u{u}", item_id="i3")
+        prior = None if u % 2 else apply_user_events(None, f"u{u}", [first], cfg, items)[0]
+        batch.append((f"u{u}", prior, evs))
     results = apply_user_batch(batch, cfg, items)
-    for (uid, _, evs), (state, out) in zip(batch, results, strict=True):
-        alone, alone_out = apply_user_events(None, uid, evs, cfg, items)
+    for (uid, prior, evs), (state, out) in zip(batch, results, strict=True):
+        alone, alone_out = apply_user_events(prior, uid, evs, cfg, items)
         assert serde.encode_user(state) == serde.encode_user(alone)
         assert out.forward_src == alone_out.forward_src
         assert len(out.forwards) == len(alone_out.forwards)
