@@ -20,7 +20,7 @@ cdef long long _I64_MIN
 
 cpdef long long _horizon(long long max_ts, long long lateness)
 
-@cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
+@cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_info=dict, info=tuple, dropped=list,
                positives=list, new_recent=list, dups=list, late=list, late_src=list, accepted_at=list, accepted=list,
                recent=list, ti=Py_ssize_t, t=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong,
                horizon=cython.longlong, s_ts=cython.longlong, f=tuple, c=tuple)
