@@ -35,6 +35,9 @@ def _extensions() -> list[Extension]:
                 # passed where ``dict`` is annotated must stay valid)
                 "annotation_typing": False,
                 "binding": True,
+                # a None where a typed extension object is expected (a state, an Outcome) raises, as in the
+                # plain build, instead of reading its fields from None's memory (a compare per field access)
+                "nonecheck": True,
             },
         )
     )

@@ -40,8 +40,16 @@ COMPILED: tuple[str, ...] = (
     "replay._apply",
 )
 
+#: module -> the listed modules whose extension types it cimports (its .pxd declares their fields' C layout): it
+#: can run compiled only with those modules' extensions, so it runs as its source whenever one of them does
+CIMPORTS: dict[str, tuple[str, ...]] = {
+    "streams.core.serde": ("streams.core.state",),
+    "streams.worker": ("streams.core.state",),
+}
+
 _ENV = "FRESHREC_PURE_PYTHON"
-#: module name -> "compiled" | "pure" | "stale" (the source is newer than the extension) as imported
+#: module name -> "compiled" | "pure" | "stale" (its source, or that of a module it cimports, is newer than the
+#: extension) as imported
 _loaded: dict[str, str] = {}
 
 
@@ -68,19 +76,33 @@ class _FreshOnly:
         if not src.exists():  # an installed wheel without sources: the extension is all there is
             _loaded[fullname] = "compiled"
             return spec
-        pxd = src.with_suffix(".pxd")  # an augmenting declaration file (C types for the same source)
-        newest = max(src.stat().st_mtime, pxd.stat().st_mtime if pxd.exists() else 0.0)
-        stale = newest > ext.stat().st_mtime
+        # the extensions of the modules it cimports lie beside it, named alike (the same suffix, from the root)
+        root, suffix = ext.parents[fullname.count(".")], ext.name[len(src.stem) :]
+        deps = [root / (dep.replace(".", "/") + suffix) for dep in CIMPORTS.get(fullname, ())]
+        stale = _stale(ext) or any(not dep.exists() or _stale(dep) for dep in deps)
         if not (stale or _pure()):
             _loaded[fullname] = "compiled"
             return spec
         if stale:
             _loaded[fullname] = "stale"
-            log.warning("%s is older than %s: running the source (rebuild: python3 dev.py setup)", ext.name, src)
+            log.warning(
+                "%s or an extension it cimports is older than its source: running %s (rebuild: python3 dev.py setup)",
+                ext.name, src,
+            )  # fmt: skip
         else:
             _loaded[fullname] = "pure"
         pure = importlib.util.spec_from_file_location(fullname, src, submodule_search_locations=None)
         return pure
+
+
+def _stale(ext: Path) -> bool:
+    """Whether a compiled module's source (or its augmenting ``.pxd``, C types for the same source) is newer."""
+    src = ext.with_name(ext.name.partition(".")[0] + ".py")
+    if not src.exists():
+        return False
+    pxd = src.with_suffix(".pxd")
+    newest = max(src.stat().st_mtime, pxd.stat().st_mtime if pxd.exists() else 0.0)
+    return newest > ext.stat().st_mtime
 
 
 def install() -> None:

@@ -14,6 +14,17 @@ cpdef object _utc_time_memo(str text)
 cpdef object _utc_time_us(str text)
 
 cdef Py_ssize_t _ID_LEN
+cdef long long _FUTURE_US
+cdef Py_ssize_t _MAX_BYTES
+cdef Py_ssize_t _MAX_SLATE
+cdef long long _REF_MIN
+cdef long long _REF_MAX
 
-@cython.locals(w=object, event_id=str, user_id=str, item_id=str)
 cpdef object decode(object data, object ref_us=*)
+
+cpdef object decode_at(object data, long long record_ms)
+
+@cython.locals(w=object, event_id=str, user_id=str, item_id=str, ts=cython.longlong)
+cdef object _decode(object data, bint check, long long ref_us)
+
+cdef object _strict(object data, bint check, long long ref_us)

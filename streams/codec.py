@@ -34,6 +34,7 @@ __all__ = [
     "MAX_FUTURE_US",
     "clear_caches",
     "decode",
+    "decode_at",
     "decode_strict",
     "format_time",
     "encode",
@@ -222,6 +223,13 @@ def decode_strict(data: bytes, ref_us: int | None = None) -> Event:
 # names the reason. A property test checks that both decoders agree on arbitrary input.
 _I64 = 2**63 - 1  # orjson reads larger integers as floats: leave those to the strict path
 _ID_LEN = MAX_ID_LEN  # (a C constant in the compiled build: ``decode`` checks the ids' lengths)
+_FUTURE_US = MAX_FUTURE_US  # (C constants too: the size and future checks compare C integers)
+_MAX_BYTES = MAX_EVENT_BYTES
+_MAX_SLATE = MAX_SLATE
+#: the reference times ``_decode`` takes: every event time lies in int64 (datetime's years 1-9999), so a
+#: reference time outside these bounds compares with all of them as the nearest bound does
+_REF_MIN = -_I64 - 1
+_REF_MAX = _I64 - MAX_FUTURE_US
 
 
 # (the fields in the order that this project's producers write the keys: ``to_dict``/``encode``, the
@@ -234,14 +242,15 @@ class _FastEvent(msgspec.Struct, gc=False, kw_only=True):
     user_id: str | None = None
     event_time: str
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
-    context: Context | None = None  # (straight into the event's type; ``decode`` checks its position)
+    context: Context | None = None  # (straight into the event's type, its position's bounds included)
     item_id: str | None = None
-    items: Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)] | None = None
+    # (tuples, as the Event holds them: no copy)
+    items: Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1)], ...], msgspec.Meta(min_length=1)] | None = None
     request_id: str | None = None
     propensity: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
     eligible: bool = True
     category: str | None = None
-    vector: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_VECTOR)] | None = None
+    vector: Annotated[tuple[float, ...], msgspec.Meta(min_length=1, max_length=MAX_VECTOR)] | None = None
 
 
 _FAST = msgspec.json.Decoder(_FastEvent)
@@ -366,11 +375,32 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
     """Parse and validate one event. Raises :class:`InvalidEvent` on any problem.
 
     ``ref_us`` is the reference time of the future check (None skips it). This is the fast
-    path; whatever it does not accept outright goes to :func:`decode_strict` (one Python
-    call per event: the hot loops call this for every record).
+    path; whatever it does not accept outright goes to :func:`decode_strict`.
     """
-    if len(data) > MAX_EVENT_BYTES:
-        return decode_strict(data, ref_us)
+    if ref_us is None:
+        return _decode(data, False, 0)
+    # (clamped: see _REF_MAX)
+    return _decode(data, True, _REF_MAX if ref_us > _REF_MAX else _REF_MIN if ref_us < _REF_MIN else ref_us)
+
+
+def decode_at(data: bytes, record_ms: int) -> Event:
+    """:func:`decode` with a Kafka record's timestamp (ms since the epoch, ``<= 0``: none) as the reference time.
+
+    The same as ``decode(data, record_ms * 1000 if record_ms > 0 else None)``; the worker calls this for
+    every record (compiled, the reference time stays a C integer: no Python integer arithmetic a record).
+    """
+    if record_ms <= 0:
+        return _decode(data, False, 0)
+    return _decode(data, True, _REF_MAX if record_ms > _REF_MAX // 1000 else record_ms * 1000)
+
+
+def _decode(data: bytes, check: bool, ref_us: int) -> Event:
+    """:func:`decode`'s fast path; ``ref_us`` (within ``_REF_MIN``..``_REF_MAX``) is checked when ``check``.
+
+    Whatever it does not accept outright goes to :func:`decode_strict`.
+    """
+    if len(data) > _MAX_BYTES:
+        return _strict(data, check, ref_us)
     # (the fallbacks are called outside the except blocks: a rejection's error carries no context)
     if not (_isascii(data) if type(data) is bytes else data.isascii()):
         try:  # msgspec skips unknown keys without checking their UTF-8; orjson rejects them
@@ -379,28 +409,28 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
         except UnicodeDecodeError:
             utf8 = False
         if not utf8:
-            return decode_strict(data, ref_us)
+            return _strict(data, check, ref_us)
     try:
         w: _FastEvent | None = _fast_decode(data)
     except (msgspec.MsgspecError, ValueError):  # ValueError: e.g. invalid UTF-8 inside a string
         w = None
     if w is None:
-        return decode_strict(data, ref_us)
+        return _strict(data, check, ref_us)
     # _FastEvent's fields, in order
     (event_id, etype, user_id, event_time, version, c, item_id, raw_items, request_id, raw_p, raw_e, category,
      raw_v) = _astuple(w)  # fmt: skip
     if not 0 < len(event_id) <= _ID_LEN:
-        return decode_strict(data, ref_us)
+        return _strict(data, check, ref_us)
     if user_id is None:
         if etype in _NEEDS_USER:
-            return decode_strict(data, ref_us)
+            return _strict(data, check, ref_us)
     elif not 0 < len(user_id) <= _ID_LEN:
-        return decode_strict(data, ref_us)
+        return _strict(data, check, ref_us)
     if item_id is None:
         if etype in _NEEDS_ITEM:
-            return decode_strict(data, ref_us)
+            return _strict(data, check, ref_us)
     elif not 0 < len(item_id) <= _ID_LEN:
-        return decode_strict(data, ref_us)
+        return _strict(data, check, ref_us)
     ts_us = _utc_time_us(event_time)
     if ts_us is None:
         ts_us = _TIMES.get(event_time)
@@ -410,35 +440,36 @@ def decode(data: bytes, ref_us: int | None = None) -> Event:
         except ValueError:
             dt = None
         if dt is None or dt.tzinfo is None:
-            return decode_strict(data, ref_us)
+            return _strict(data, check, ref_us)
         ts_us = datetime_to_ts(dt)
         if len(_TIMES) >= _TIMES_MAX:
             _TIMES.clear()
         _TIMES[event_time] = ts_us
-    if ref_us is not None and ts_us > ref_us + MAX_FUTURE_US:
-        return decode_strict(data, ref_us)
+    ts = ts_us  # (compiled: a C integer; every event time lies in int64)
+    if check and ts > ref_us + _FUTURE_US:
+        return _strict(data, check, ref_us)
     items: tuple[str, ...] = ()
     propensity = None
     eligible = True
     vector = None
     if etype is _IMPRESSION:
-        if raw_items is None or len(raw_items) > MAX_SLATE:
-            return decode_strict(data, ref_us)
-        items = tuple(raw_items)
+        if raw_items is None or len(raw_items) > _MAX_SLATE:
+            return _strict(data, check, ref_us)
+        items = raw_items
         propensity = raw_p
     elif etype is _UPSERT:
         eligible = raw_e
-        if raw_v is not None:
-            vector = tuple(raw_v)
+        vector = raw_v
     if c is None:
         c = _NO_CONTEXT
-    else:  # (Context's own type takes any integer position: from_dict's check, and orjson's int64 limit)
-        position = c.position
-        if position is not None and not 0 <= position <= _I64:
-            return decode_strict(data, ref_us)
     return Event(  # every field, in order (positional: a Struct takes them in one C call)
         event_id, etype, ts_us, user_id, item_id, version, c, items, request_id, propensity, eligible, category, vector
     )
+
+
+def _strict(data: bytes, check: bool, ref_us: int) -> Event:
+    """:func:`decode_strict` with ``_decode``'s reference time."""
+    return decode_strict(data, ref_us if check else None)
 
 
 def format_time(ts_us: int) -> str:

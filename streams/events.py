@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -61,7 +61,9 @@ class Context(msgspec.Struct, frozen=True, order=True, gc=False):
     surface: str | None = None
     session_id: str | None = None
     device: str | None = None
-    position: int | None = None
+    # (the bounds bind decoding only, where they are the codec's: a non-negative position that JSON
+    # readers take as an integer, int64)
+    position: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
 
 
 _EMPTY_CONTEXT = Context()

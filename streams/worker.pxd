@@ -4,7 +4,10 @@
 # what the core or the client returns stays a Python object. cpdef: callable from Python, and
 # direct C calls from within the module.
 import cython
+# the states' and the core's Outcome's fields as C struct members (the compiled state module's extension types)
+from streams.core.state cimport ItemState, Outcome, UserState, forward_seqs
 
+@cython.locals(i=Py_ssize_t)
 cpdef object _lowest(list xs)
 
 cpdef object _highest(list xs)
@@ -30,7 +33,7 @@ cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, obj
 @cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)
 
-@cython.locals(per_user=dict, mine=tuple)
+@cython.locals(per_user=dict, mine=tuple, fresh=tuple)
 cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
 @cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list,
@@ -43,7 +46,8 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
                inputs=list, j=Py_ssize_t)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
-@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict)
+@cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict, new=UserState,
+               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog, list ids,
                               list raw_keys, list keys) except -1
@@ -52,6 +56,6 @@ cpdef Py_ssize_t _store_users(list work, list offsets, object results, object to
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 
-@cython.locals(n=Py_ssize_t, applied=dict)
+@cython.locals(n=Py_ssize_t, applied=dict, new=ItemState)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
                    object producer, object changelog, object replica, list ids, list raw_keys, list keys)

@@ -199,7 +199,8 @@ _ItemInput = tuple[list[int], list[ItemEntry]]
 def _lowest(xs: list[int]) -> int:
     """``min(xs)`` of a non-empty list (the builtin costs a call with keyword parsing; typed, this is a C loop)."""
     low = xs[0]
-    for x in xs:
+    for i in range(1, len(xs)):  # (from the second: most lists have one element, and need no comparison)
+        x = xs[i]
         if x < low:
             low = x
     return low
@@ -361,12 +362,12 @@ def _group_user_events(
     ``stamps`` every record's, in batch order.
     """
     per_user: dict[str, _UserInput] = {}
-    decode = codec.decode
+    decode = codec.decode_at  # (the record's timestamp is the future check's reference: a C integer there)
     for m in batch:
         ts_ms = _msg_timestamp(m)[1]
         stamps.append(ts_ms)
         try:
-            ev = decode(_msg_value(m) or b"", ts_ms * 1000 if ts_ms > 0 else None)
+            ev = decode(_msg_value(m) or b"", ts_ms)
         except InvalidEvent as exc:
             rejected.append((m, exc.reason, exc.detail))
             continue
@@ -378,10 +379,10 @@ def _group_user_events(
             continue
         uid = ev.user_id
         assert uid is not None
-        mine = per_user.get(uid)
-        if mine is None:
-            per_user[uid] = ([off], [ev])
-        else:
+        # most users have one event a batch: their input is made first and stored by one dict operation
+        fresh = ([off], [ev])
+        mine = per_user.setdefault(uid, fresh)
+        if mine is not fresh:
             mine[0].append(off)
             mine[1].append(ev)
     return per_user
@@ -522,7 +523,8 @@ def _store_users(
         if not len(seqs) == len(fws) == len(fw_src):
             raise ValueError("one sequence number and source per forward")
         for j in range(len(fws)):
-            forwards.append((seqs[j], fws[j], rec_ts[offs[fw_src[j]]]))
+            src = fw_src[j]  # (a C index, compiled: ``offs[src]`` is a direct list read)
+            forwards.append((seqs[j], fws[j], rec_ts[offs[src]]))
     values = serde.encode_users(news)  # (with their offsets: encoded after the loop above)
     _put_states(work, news, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     return duplicates
@@ -620,7 +622,8 @@ def _store_items(
     if not len(ids) == len(raw_keys) == len(keys):
         raise ValueError("one key per id")
     for n in range(len(work)):
-        applied = results[n].offsets  # (typed, as in _store_users)
+        new = results[n]
+        applied = new.offsets  # (typed, as in _store_users)
         applied[topic] = offsets[n][-1]
     values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
     _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)

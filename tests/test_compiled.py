@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -87,6 +88,26 @@ def test_an_extension_older_than_its_source_is_not_imported(tmp_path: Path) -> N
     assert codec_file == str(src) and kind == "stale"
     assert state_file.endswith(".so")  # the fresh extensions still load
     assert "older than" in out.stderr  # and the fallback is logged
+
+
+@pytest.mark.skipif(not _compiled_here(), reason="no compiled build here (no C compiler at install time)")
+def test_a_module_runs_as_its_source_when_a_module_it_cimports_does(tmp_path: Path) -> None:
+    # serde and the worker read the states' fields as the compiled state module's C struct members: with
+    # state.py newer than its extension they cannot run compiled against the plain UserState
+    copy = tmp_path / "tree"
+    shutil.copytree(ROOT / "streams", copy / "streams", ignore=shutil.ignore_patterns("__pycache__"))
+    os.utime(next((copy / "streams" / "core").glob("state.*.so")), (1_000_000_000, 1_000_000_000))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import streams.worker;"
+        "from streams.core import serde; from streams.core.state import UserState; from streams import _compiled;"
+        "assert serde.decode_user(serde.encode_user(UserState(max_ts=3))).max_ts == 3; print(_compiled.status())"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, check=True)
+    status = ast.literal_eval(out.stdout)
+    assert status["streams.core.state"] == status["streams.core.serde"] == status["streams.worker"] == "stale"
+    assert status["streams.codec"] == "compiled"  # the modules that cimport nothing still load compiled
+    assert set(_compiled.CIMPORTS) <= set(_compiled.COMPILED)
+    assert all(set(deps) <= set(_compiled.COMPILED) for deps in _compiled.CIMPORTS.values())
 
 
 def test_the_listed_modules_exist() -> None:

@@ -1,6 +1,8 @@
 # C declarations for the compiled build of serde.py (Cython's augmenting .pxd; the .py stays the source).
 # The typed containers are exact builtins: what this module builds, or what orjson.loads returns.
 import cython
+# the state classes' fields as C struct members (the compiled state module's extension types)
+from streams.core.state cimport ItemState, UserState
 
 # positions, seqs and times as C integers: Kafka offsets and timestamps, and event times in us (years
 # 1-9999), are int64
@@ -31,10 +33,19 @@ cpdef bytes _pack(object vector, object body)
 @cython.locals(dim=Py_ssize_t, heads=dict)
 cpdef bytes _value(object vector, bytearray body)
 
-@cython.locals(out=list, spare=dict)
+# the states typed wherever this module annotates them (see state.pxd)
+cpdef bytes encode_user(UserState s)
+
+cpdef bytes encode_item(ItemState s)
+
+cpdef bytes user_digest(UserState s)
+
+cpdef bytes item_digest(ItemState s)
+
+@cython.locals(out=list, spare=dict, s=UserState)
 cpdef list encode_users(list states)
 
-@cython.locals(out=list, spare=dict, body=list)
+@cython.locals(out=list, spare=dict, body=list, s=ItemState)
 cpdef list encode_items(list states)
 
 @cython.locals(out=list, v=list)

@@ -201,7 +201,14 @@ class ItemVectorSource(Protocol):
         """(n, k, dim) pseudo-random item vectors chosen by 64-bit ``hashes`` (None when empty)."""
 
 
-@dataclass(slots=True)
+# The state classes are extension types in the compiled build: state.pxd declares their fields (in this
+# order) as C struct members, which the compiled core, serde and worker read without the attribute lookup
+# and member descriptor of a slotted class (~130 instructions a read). Cython builds the dataclass itself
+# (``__init__`` with the defaults, repr, ``dataclasses.fields``) but rejects ``slots=True``, so the plain
+# build's instances have a ``__dict__``. ``__eq__`` is written out: Cython's compares field by field with
+# ``!=``, which a vector answers with an array; the dataclass's compares a tuple of the fields (so one
+# vector object compares equal to itself).
+@dataclass
 class UserState:
     """Everything the system knows about one user."""
 
@@ -234,8 +241,14 @@ class UserState:
             dict(self.offsets),
         )
 
+    def __eq__(self, other: object) -> bool:
+        """The dataclass comparison (see above): the fields as one tuple."""
+        if not isinstance(other, UserState) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return _user_fields(self) == _user_fields(other)
 
-@dataclass(slots=True)
+
+@dataclass  # an extension type in the compiled build, as UserState
 class ItemState:
     """Everything the system knows about one item."""
 
@@ -269,6 +282,23 @@ class ItemState:
             dict(self.offsets),
             self.upsert_key,
         )
+
+    def __eq__(self, other: object) -> bool:
+        """The dataclass comparison (see above UserState): the fields as one tuple."""
+        if not isinstance(other, ItemState) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return _item_fields(self) == _item_fields(other)
+
+
+def _user_fields(s: UserState) -> tuple[Any, ...]:
+    return (s.counts, s.recent, s.session, s.seen, s.max_ts, s.vector, s.steps, s.version, s.offsets)
+
+
+def _item_fields(s: ItemState) -> tuple[Any, ...]:
+    return (
+        s.counts, s.b5, s.b60, s.max_ts, s.eligible, s.category, s.vector, s.steps, s.version, s.offsets,
+        s.upsert_key,
+    )  # fmt: skip
 
 
 class Forward(NamedTuple):

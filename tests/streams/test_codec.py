@@ -94,6 +94,41 @@ def test_future_timestamp_is_relative_to_the_record_time() -> None:
     assert codec.decode(raw, ref_us=event_us - codec.MAX_FUTURE_US).user_id == "u1"
 
 
+_EVENT_US = 1_795_341_600_000_000  # GOOD's event time
+#: record timestamps (ms) around GOOD's future limit, and at and beyond the ends of int64 (the ms -> us product
+#: of the largest ones is past int64: decode_at's C arithmetic clamps it)
+_record_ms = (
+    st.integers(-(2**63), 2**63 - 1)
+    | st.sampled_from([0, -1, 1, 2**63 - 1, 2**62, (2**63 - 1) // 1000, (2**63 - 1) // 1000 + 1])
+    | st.integers(-3, 3).map(lambda d: (_EVENT_US - codec.MAX_FUTURE_US) // 1000 + d)
+)
+
+
+@given(record_ms=_record_ms, event_time=st.sampled_from([None, "2026-11-22T10:00:00.999Z", "9999-12-31T23:59:59Z"]))
+def test_decode_at_is_decode_with_the_record_time_in_microseconds(record_ms: int, event_time: str | None) -> None:
+    raw = orjson.dumps(GOOD if event_time is None else {**GOOD, "event_time": event_time})
+    ref_us = record_ms * 1000 if record_ms > 0 else None
+    expected = _outcome(codec.decode_strict, raw, ref_us)
+    assert _outcome(codec.decode_at, raw, record_ms) == expected
+    assert _outcome(codec.decode, raw, ref_us) == expected
+
+
+@given(ref_us=st.integers(-(2**70), 2**70) | st.sampled_from([-(2**63) - 1, -(2**63), 2**63 - 1, 2**63]))
+def test_decode_takes_reference_times_beyond_int64(ref_us: int) -> None:
+    # (the fast path compares C integers: a reference time outside int64 acts as its nearest bound, which
+    # every event time (int64) compares with in the same way)
+    for event_time in ("2026-11-22T10:00:00Z", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"):
+        raw = orjson.dumps({**GOOD, "event_time": event_time})
+        assert _outcome(codec.decode, raw, ref_us) == _outcome(codec.decode_strict, raw, ref_us)
+
+
+def test_decoded_slates_and_vectors_are_tuples() -> None:
+    imp = codec.decode(orjson.dumps({**GOOD, "type": "impression", "items": ["a", "b"]}))
+    up = codec.decode(orjson.dumps({**GOOD, "type": "item_upsert", "vector": [1, 2.5]}))
+    assert type(imp.items) is tuple and imp.items == ("a", "b")
+    assert type(up.vector) is tuple and up.vector == (1.0, 2.5)
+
+
 # -- the fast path agrees with the strict decoder on arbitrary input -------------------------
 
 _json_scalars = (

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import math
+import pickle
 import zlib
 
 import numpy as np
@@ -18,7 +21,9 @@ from streams.core.state import (
     TYPE_INDEX,
     CoreConfig,
     Forward,
+    ItemState,
     Outcome,
+    UserState,
     _damped_step,
     _float32s,
     _hash64s,
@@ -515,6 +520,57 @@ def test_core_config_rejects_a_zero_that_breaks_the_maths(field: str) -> None:
         CoreConfig(**{field: 0})
     with pytest.raises(ValueError, match="ctr_prior_impressions"):
         CoreConfig(ctr_prior_impressions=0.0)
+
+
+def test_the_state_classes_keep_the_dataclass_api() -> None:
+    # extension types in the compiled build (Cython builds the dataclass), plain dataclasses otherwise: the
+    # same construction, defaults, fields, repr, copies and comparison in both
+    names = ["counts", "recent", "session", "seen", "max_ts", "vector", "steps", "version", "offsets"]
+    assert [f.name for f in dataclasses.fields(UserState)] == list(UserState.__dataclass_fields__) == names
+    vec = np.arange(3, dtype=np.float32)
+    args = ([1, 0, 0, 0, 0, 0], [(5, "e1", "i1", "view")], (5, "e1", "s", None, "web"), {"e1": 5}, 5, vec, 2, 1,
+            {"events": 7})  # fmt: skip
+    user = UserState(*args)
+    assert [getattr(user, n) for n in names] == list(args)  # by position, in the fields' order
+    assert user == UserState(**dict(zip(names, args, strict=True)))  # by keyword; one vector object: equal
+    assert UserState() == UserState(counts=[0] * 6) and UserState().counts is not UserState().counts
+    assert UserState().vector is None and UserState().max_ts == 0 and UserState().offsets == {}
+    assert repr(UserState(max_ts=3)) == (
+        "UserState(counts=[0, 0, 0, 0, 0, 0], recent=[], session=None, seen={}, max_ts=3, vector=None, steps=0, "
+        "version=0, offsets={})"
+    )
+    twin = user.copy()
+    assert twin.vector is not vec and serde.encode_user(twin) == serde.encode_user(user)
+    with pytest.raises(ValueError, match="ambiguous"):  # two vector objects: compared as arrays, as a dataclass does
+        _ = twin == user
+    other = dataclasses.replace(user, vector=None, max_ts=9)
+    assert other.max_ts == 9 and other.seen is user.seen and other != user and user != "user"
+    assert dataclasses.asdict(other)["offsets"] == {"events": 7}
+    with pytest.raises(TypeError):
+        hash(user)  # mutable: unhashable, as an eq=True dataclass
+    for again in (pickle.loads(pickle.dumps(user)), copy.deepcopy(user)):
+        assert type(again) is UserState and serde.encode_user(again) == serde.encode_user(user)
+    item = ItemState(b60={3: [1, 0, 1]}, max_ts=4, eligible=False, category="c", upsert_key=(4, "u1"))
+    assert [f.name for f in dataclasses.fields(ItemState)] == [
+        "counts", "b5", "b60", "max_ts", "eligible", "category", "vector", "steps", "version", "offsets", "upsert_key",
+    ]  # fmt: skip
+    assert item == item.copy() and item != ItemState() and ItemState().eligible is True
+    assert ItemState([0] * 6, {}, {}, 1, True, None, None, 0, 0, {}, (1, "u")).upsert_key == (1, "u")
+    assert repr(ItemState()).startswith("ItemState(counts=[0, 0, 0, 0, 0, 0], b5={}, b60={}, max_ts=0, eligible=True")
+
+
+def test_a_state_reader_given_none_raises() -> None:
+    # the compiled build types these arguments: a None must raise (as in the plain build), not be read as a state
+    with pytest.raises(AttributeError):
+        user_features(None)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        item_features(None, 0, CFG)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        serde.encode_user(None)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        serde.encode_users([UserState(), None])  # type: ignore[list-item]
+    with pytest.raises(AttributeError):
+        serde.encode_items([None])  # type: ignore[list-item]
 
 
 _STEP_TYPES = [EventType.CLICK, EventType.VIEW, EventType.IMPRESSION]
