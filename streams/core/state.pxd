@@ -48,7 +48,7 @@ cdef long long _I64_MIN
 
 cpdef long long _horizon(long long max_ts, long long lateness)
 
-@cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_index=dict, type_value=dict, weights=dict, dropped=list,
+@cython.locals(i=Py_ssize_t, seen=dict, counts=list, type_info=dict, info=tuple, dropped=list,
                positives=list, new_recent=list, dups=list, late=list, late_src=list, accepted_at=list, accepted=list,
                recent=list, ti=Py_ssize_t, t=cython.longlong, max_ts=cython.longlong, old_max=cython.longlong,
                horizon=cython.longlong, s_ts=cython.longlong, f=tuple, c=tuple)
@@ -81,8 +81,9 @@ cpdef list forward_seqs(Outcome out, object positions)
 @cython.locals(news=list, outs=list, accepted=list, accepted_at=list, positives=list, n_pos=list, order=list,
                pos_fw=list, uids=list, fresh=list, row_uid=list, row_fw=list, results=list, fwds=list, src=list,
                out=Outcome, j=Py_ssize_t, row=Py_ssize_t, e=Py_ssize_t, weights=dict, lr_of=dict, before=list,
-               evs=list, ns_rows=list, ev_rows=list, snaps=list, iids=list, crcs=list, lrs=list, st=tuple, eid=str,
-               at=list, acc=list, k=Py_ssize_t, f=tuple, new=UserState)
+               evs=list, ns=tuple, n_neg=Py_ssize_t, at0=Py_ssize_t, n_long=Py_ssize_t, ev_rows=list, snaps=list,
+               iids=list, crcs=list, lrs=list, st=tuple, eid=str, at=list, acc=list, k=Py_ssize_t, f=tuple,
+               per_key=list, vecs=list, new=UserState)
 cpdef list _apply_user_batch(object batch, object cfg, object items, object in_place)
 
 @cython.locals(lens=list, n_long=Py_ssize_t, m=Py_ssize_t, r=Py_ssize_t, q=Py_ssize_t, bounds=list, lo=list, hi=list,

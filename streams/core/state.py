@@ -71,6 +71,11 @@ _St = TypeVar("_St", "UserState", "ItemState")
 TYPE_INDEX: dict[EventType, int] = {t: i for i, t in enumerate(EventType)}
 N_TYPES = len(TYPE_INDEX)
 TYPE_VALUE: dict[EventType, str] = {t: t.value for t in EventType}  # Enum.value is a slow descriptor
+#: each type's ``(TYPE_INDEX, is positive (in POSITIVE_WEIGHTS), TYPE_VALUE)``: the user features read all
+#: three per event, with one dict lookup
+_TYPE_INFO: dict[EventType, tuple[int, bool, str]] = {
+    t: (TYPE_INDEX[t], t in POSITIVE_WEIGHTS, TYPE_VALUE[t]) for t in EventType
+}
 _IMPR = TYPE_INDEX[EventType.IMPRESSION]
 _CLICK = TYPE_INDEX[EventType.CLICK]
 #: members as module globals: reading one off the Enum class costs ~850 instructions (EnumType's getattr hook)
@@ -399,8 +404,9 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.float32(1.0) / (np.float32(1.0) + np.exp(-np.clip(x, -30, 30)))
 
 
-#: a positive event's embedding step: its ``(item_id, event_id, type, ts_us)``, a Forward's first four fields
-_Step = tuple[str, str, EventType, int]
+#: a positive event's embedding step: the event's fields as ``astuple`` gives them (``_EVENT_HEAD``'s order:
+#: event_id, type, ts_us, user_id, item_id, ...), the tuple the features pass reads the event through anyway
+_Step = tuple[Any, ...]
 
 
 def _apply_user_features(
@@ -409,7 +415,7 @@ def _apply_user_features(
     """Apply the order-independent features of one user's events.
 
     Returns the accepted events, their indexes in ``events`` and the steps of the positive ones
-    among them (:data:`_Step`: the fields the embedding rounds read, each read off the event once).
+    among them (:data:`_Step`: their fields, read off each event once, by one ``astuple`` call).
     Equal to applying the events one at a time, where each event that advances the
     user's newest event time also prunes ``seen`` to the lateness horizon: here ``seen``
     is pruned once at the end, and an id that per-event pruning would already have
@@ -423,9 +429,7 @@ def _apply_user_features(
     max_ts = state.max_ts
     horizon = _horizon(max_ts, lateness)
     counts = state.counts
-    type_index = TYPE_INDEX
-    type_value = TYPE_VALUE
-    weights = POSITIVE_WEIGHTS
+    type_info = _TYPE_INFO
     # indexes of the duplicates and late events (the rest is accepted), and those events: new lists
     # only when there are some (rare)
     dropped: list[int] | None = None
@@ -445,6 +449,7 @@ def _apply_user_features(
     newest_ts = 0
     newest_ctx: Context | None = None
     old_max = max_ts
+    max_obj = 0  # the time object of the newest event, when it advances ``max_ts``
     for i, ev in enumerate(events):
         f = _fields(ev)  # one C call: cheaper than reading the four fields below by name
         eid, etype, ts, iid = f[0], f[1], f[2], f[4]
@@ -471,13 +476,15 @@ def _apply_user_features(
         seen[eid] = ts
         if t > max_ts:
             max_ts = t
+            max_obj = ts  # the object, stored as ``max_ts`` below: no new int
             horizon = _horizon(t, lateness)
-        ti = type_index[etype]
+        info = type_info[etype]  # one lookup for the type's index, positiveness and name
+        ti = info[0]
         counts[ti] += 1  # a C integer index in the compiled build
-        if etype in weights:
-            positives.append((iid, eid, etype, ts))  # the codec requires item_id here
+        if info[1]:
+            positives.append(f)  # the fields tuple itself: no new tuple (the codec requires item_id here)
         if iid is not None:
-            new_recent.append((ts, eid, iid, type_value[etype]))
+            new_recent.append((ts, eid, iid, info[2]))
         if t > s_ts or (t == s_ts and eid > s_eid):
             s_ts, s_eid = t, eid
             newest_ts, newest_ctx = ts, f[6]
@@ -496,7 +503,7 @@ def _apply_user_features(
         state.session = (newest_ts, s_eid, c[1], c[0], c[2])  # (time, id, session_id, surface, device)
     state.version += len(accepted)
     if max_ts > old_max:
-        state.max_ts = max_ts
+        state.max_ts = max_obj
     for t in seen.values():  # prune once, when some id fell below the horizon (a loop: cheaper than ``min``)
         if t < horizon:  # C integers in the compiled build
             state.seen = {k: v for k, v in seen.items() if v >= horizon}
@@ -511,7 +518,9 @@ def _apply_user_features(
             new_recent.reverse()
         # in place: ``state`` is the caller's copy (or given up, ``in_place``), like ``counts`` and ``seen``
         recent = state.recent
-        if not recent or new_recent[-1] > recent[0]:  # all newer than the kept ones (live, in order)
+        # all newer than the kept ones (live, in order)? The entries' times first: two int comparisons, not
+        # a tuple comparison (which tests the times for equality first); the tuples when the times do not decide
+        if not recent or new_recent[-1][0] > recent[0][0] or new_recent[-1] > recent[0]:
             if len(new_recent) == 1:  # the usual case: ``insert`` is a direct C call, a slice assignment is not
                 recent.insert(0, new_recent[0])
             else:
@@ -701,6 +710,8 @@ def _apply_user_batch(
     accepted: list[list[Event]] = []
     accepted_at: list[list[int]] = []
     positives: list[list[_Step]] = []  # per user
+    n_pos: list[int] = []  # per user: len(positives[j])
+    n_long = 0  # users with more than one positive
     # the config's fields read once a batch; a longer lateness excludes no int64 event time either
     lateness = min(cfg.lateness_us, _LATENESS_MAX)
     recent_n = cfg.recent_n
@@ -713,22 +724,46 @@ def _apply_user_batch(
         accepted.append(acc)
         accepted_at.append(at)
         positives.append(pos)
+        n_pos.append(len(pos))
+        if len(pos) > 1:
+            n_long += 1
     weights = POSITIVE_WEIGHTS
-    n_pos = list(map(len, positives))
-    order = sorted([j for j, n in enumerate(n_pos) if n], key=n_pos.__getitem__, reverse=True)  # stable
+    # the users with positives by decreasing count, ties in batch order (a stable sort): those with more
+    # than one (few) sorted, then those with one in batch order. A keyed sort of all cost ~350 a user.
+    if n_long:
+        order = sorted([j for j in range(len(n_pos)) if n_pos[j] > 1], key=n_pos.__getitem__, reverse=True)
+        order += [j for j in range(len(n_pos)) if n_pos[j] == 1]
+    else:
+        order = [j for j in range(len(n_pos)) if n_pos[j]]
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
     pos_fw: list[list[Forward]] = [[] for _ in batch]
     uids = [b[0] for b in batch]
     if order:
         dim = cfg.dim
-        fresh = [j for j in order if news[j].vector is None]
+        # per row of U (the users in ``order``), in one pass: the user's vector before the batch, its id, its
+        # positives and their forwards; the rows of users without a vector yet
+        vecs: list[Vec | None] = []
+        row_uid = []
+        row_fw = []
+        per_key = []
+        fresh = []
+        for row in range(len(order)):
+            j = order[row]
+            vec = news[j].vector
+            if vec is None:
+                fresh.append(row)
+            vecs.append(vec)
+            row_uid.append(uids[j])
+            row_fw.append(pos_fw[j])
+            per_key.append(positives[j])
         if fresh:
-            init = init_matrix([uids[j] for j in fresh], cfg, "u")
-            for row, j in enumerate(fresh):
-                news[j].vector = init[row]
-        # the vectors before the batch, one per row of U (the users in ``order``)
-        before: list[Vec] | None = [news[j].vector for j in order]  # type: ignore[misc]
+            init = init_matrix([row_uid[row] for row in fresh], cfg, "u")
+            for k in range(len(fresh)):
+                row = fresh[k]
+                vec = init[k]
+                news[order[row]].vector = vecs[row] = vec
+        before: list[Vec] | None = vecs  # type: ignore[assignment]  # each row has its vector now
         U = _joined(before, dim)  # type: ignore[arg-type]
         if U is None:  # some vector is not float32 of ``dim``: converted, so U's rows are not those vectors
             U = _rows(before, dim)  # type: ignore[arg-type]
@@ -736,32 +771,31 @@ def _apply_user_batch(
         reg = np.float32(cfg.reg)
         lr_of = {t: cfg.lr * w for t, w in weights.items()}
         seed = cfg.seed & 0xFFFFFFFF  # the negatives of an event: picked by a seeded CRC-32 of its id
-        # per row of U: the user's id and its positives' forwards
-        row_uid = [uids[j] for j in order]
-        row_fw = [pos_fw[j] for j in order]
-        for m, evs, sizes, rows in _rounds([positives[j] for j in order], cfg.max_rounds):
+        for m, evs, sizes, rows in _rounds(per_key, cfg.max_rounds):
             # one pass over the round's steps: item ids, the CRC-32s of the event ids, learning rates
             iids = []
             crcs = []
             lrs = []
-            for st in evs:
-                iids.append(st[0])
-                eid = st[1]  # a str local in the compiled build: ``encode`` is a direct C call
+            for st in evs:  # an event's fields (see _Step)
+                iids.append(st[4])
+                eid = st[0]  # a str local in the compiled build: ``encode`` is a direct C call
                 crcs.append(_crc32(eid.encode(), seed))
-                lrs.append(lr_of[st[2]])
+                lrs.append(lr_of[st[1]])
             V = items.get_many(iids)
             hs = _uint64s(crcs)
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
-            Ue = U[rows]
+            Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
             neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
             pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
             # mean over the negatives of g_k * (v_i - v_k), without the (f, k, dim) temporary
             grad = (g.sum(axis=1)[:, None] * V - np.matmul(g[:, None, :], negs)[:, 0, :]) / np.float32(g.shape[1])
             lr = _float32s(lrs)
-            ns_rows = neg_scores.tolist()
+            # the scores as one tuple, each forward's a slice of it: no list per row to build and copy
+            ns = tuple(neg_scores.ravel().tolist())
+            n_neg = neg_scores.shape[1]
             ev_rows = rows.tolist()
             # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
             # vector before the batch, bit for bit: that array itself, not a new view per forward.
@@ -773,8 +807,9 @@ def _apply_user_batch(
             for e in range(len(evs)):
                 st = evs[e]
                 row = ev_rows[e]
+                at0 = n_neg * e
                 row_fw[row].append(
-                    _new(Forward, (st[0], st[1], st[2], st[3], row_uid[row], snaps[e], tuple(ns_rows[e]), True,
+                    _new(Forward, (st[4], st[0], st[1], st[2], row_uid[row], snaps[e], ns[at0 : at0 + n_neg], True,
                                    None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)

@@ -600,3 +600,45 @@ def test_a_state_reader_given_none_raises() -> None:
         serde.encode_users([UserState(), None])  # type: ignore[list-item]
     with pytest.raises(AttributeError):
         serde.encode_items([None])  # type: ignore[list-item]
+
+
+_STEP_TYPES = [EventType.CLICK, EventType.VIEW, EventType.IMPRESSION]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_STEP_TYPES), max_size=9), max_size=7),
+    st.integers(1, 4),
+    st.booleans(),
+)
+def test_each_user_of_a_batch_steps_as_if_alone(types: list[list[EventType]], max_rounds: int, known: bool) -> None:
+    """Users with any number of positives (ordered by count for the rounds, ties in batch order), new
+    ones (odd) among ones with a vector, get the state and forwards (vector snapshots, negatives'
+    scores) of their events applied without the others."""
+    cfg = CoreConfig(dim=8, max_rounds=max_rounds, negatives=3)
+    items = ItemReplica(cfg)
+    if known:  # else no item to sample negatives from: one zero negative a step
+        for n in range(5):
+            items.put(f"i{n}", np.full(8, 0.1 * n, dtype=np.float32))
+    batch = []
+    for u, ts in enumerate(types):
+        evs = [
+            Event(f"e{u}.{i}", t, T0 + i, user_id=f"u{u}", item_id=f"i{i % 6}",
+                  items=("i1", "i2") if t is EventType.IMPRESSION else ())
+            for i, t in enumerate(ts)
+        ]  # fmt: skip
+        first = Event(f"p{u}", EventType.CLICK, T0 - 1, user_id=f"u{u}", item_id="i3")
+        prior = None if u % 2 else apply_user_events(None, f"u{u}", [first], cfg, items)[0]
+        batch.append((f"u{u}", prior, evs))
+    results = apply_user_batch(batch, cfg, items)
+    for (uid, prior, evs), (state, out) in zip(batch, results, strict=True):
+        alone, alone_out = apply_user_events(prior, uid, evs, cfg, items)
+        assert serde.encode_user(state) == serde.encode_user(alone)
+        assert out.forward_src == alone_out.forward_src
+        assert len(out.forwards) == len(alone_out.forwards)
+        for f, g in zip(out.forwards, alone_out.forwards, strict=True):
+            assert f[:5] == g[:5] and f.neg_scores == g.neg_scores and type(f.neg_scores) is tuple
+            assert (f.user_vector is None) == (g.user_vector is None)
+            if f.user_vector is not None:
+                assert f.user_vector.tobytes() == g.user_vector.tobytes()  # type: ignore[union-attr]
+            assert len(f.neg_scores) == (0 if f.user_vector is None else 3 if known else 1)
