@@ -255,8 +255,9 @@ def _share_cache(shards: list[_Shard], budget: int) -> None:
     A shard may grow into whatever the others leave free, and always to an equal share: the
     stages need very different room (50k users and 20k items over the same shard count), and an
     equal split per shard left user shards evicting and re-reading states while item shards sat
-    half empty (12% misses on benchmarks/ingest.py, none after this). A shard over its limit evicts
-    its own oldest entries (``_cache_put``); one batch's new states may overshoot the budget.
+    half empty (12% misses on benchmarks/ingest.py; after it, only first sights of new keys). A
+    shard over its limit evicts its own oldest entries (``_cache_put``); one batch's new states may
+    overshoot the budget.
     """
     if not shards:
         return
