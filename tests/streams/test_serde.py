@@ -111,6 +111,18 @@ def _as_pack3(data: bytes) -> bytes:
     return head + data[19:at] + orjson.dumps([src, _pack4_ints(data), strs, extras])
 
 
+def _golden_forwards(vec: np.ndarray | None) -> list[tuple[int, Forward, int]]:
+    """The forwards of the checked-in PACK2 and PACK3 bytes below (the first one's user vector: ``vec``)."""
+    s = FORWARD_SLOTS
+    return [
+        (7 * s, Forward("i1", "e1", EventType.VIEW, 1790000000000001, "u1", vec, (0.25, -1.5)), 1790000000123),
+        (9 * s, Forward("i2", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
+        (9 * s + 3, Forward("i1", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
+        (12 * s, Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes",
+                         (1.0, 2.0, 0.5)), 1790000000125),
+    ]  # fmt: skip
+
+
 def test_a_pack_written_by_the_pack3_encoder_decodes() -> None:
     # bytes written by the PACK3 encoder (before PACK4): a view with a user vector and two scores, a slate of
     # two impressions (one of an item seen before), an upsert with a bootstrap vector
@@ -120,15 +132,8 @@ def test_a_pack_written_by_the_pack3_encoder_decodes() -> None:
         b"[5,[44032,7,1790000000000001,1790000000123,0,9216,2,1,1,4,3,0,13312,3,-2,1,5],"
         b'["i1","i2","e3","i4"],[false,"shoes",[1.0,2.0,0.5]]]'
     )
-    s = FORWARD_SLOTS
     vec = np.array([0.5, -1.25, 3.0], dtype=np.float32)
-    want = [
-        (7 * s, Forward("i1", "e1", EventType.VIEW, 1790000000000001, "u1", vec, (0.25, -1.5)), 1790000000123),
-        (9 * s, Forward("i2", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
-        (9 * s + 3, Forward("i1", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
-        (12 * s, Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes",
-                         (1.0, 2.0, 0.5)), 1790000000125),
-    ]  # fmt: skip
+    want = _golden_forwards(vec)
     src, seqs, fws, stamps = serde.decode_forward_pack(old)
     assert (src, seqs, stamps) == (5, [q for q, _, _ in want], [t for _, _, t in want])
     assert all(_same(_carried(fw), got) for (_, fw, _), got in zip(want, fws, strict=True))
@@ -340,13 +345,7 @@ def test_a_pack_written_by_the_pack2_encoder_decodes() -> None:
         b'[false,"shoes",[1.0,2.0,0.5]]]'
     )
     s = FORWARD_SLOTS
-    want = [
-        (7 * s, Forward("i1", "e1", EventType.VIEW, 1790000000000001, "u1", None, (0.25, -1.5)), 1790000000123),
-        (9 * s, Forward("i2", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
-        (9 * s + 3, Forward("i1", "e2", EventType.IMPRESSION, 1790000000000002, "u2"), 1790000000124),
-        (12 * s, Forward("i4", "e3", EventType.ITEM_UPSERT, 1790000000000000, None, None, (), False, "shoes",
-                         (1.0, 2.0, 0.5)), 1790000000125),
-    ]  # fmt: skip
+    want = _golden_forwards(None)
     src, seqs, fws, stamps = serde.decode_forward_pack(old)
     assert (src, seqs, stamps) == (5, [q for q, _, _ in want], [t for _, _, t in want])
     vec = fws[0].user_vector
