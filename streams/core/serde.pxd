@@ -19,8 +19,16 @@ cpdef bytes encode_forward_pack(object src, object forwards)
                flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong, fw=tuple, j=Py_ssize_t)
 cpdef tuple decode_forward_pack(object data)
 
-@cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t, vecs=list, flat=tuple)
+@cython.locals(fields=tuple, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, at=Py_ssize_t)
 cpdef tuple _pack_blocks(object data, object head, object fmt)
+
+@cython.locals(vecs=list, flat=tuple)
+cpdef tuple _blocks(object data, Py_ssize_t dim, Py_ssize_t rows, Py_ssize_t n_scores, Py_ssize_t vec_at,
+                    Py_ssize_t score_at)
+
+@cython.locals(v3=bint, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, n_ints=Py_ssize_t, at=Py_ssize_t,
+               end=Py_ssize_t, body_at=Py_ssize_t)
+cpdef tuple _pack_parts(object data)
 
 @cython.locals(vecs=list, flat=tuple, groups=list, entries=list, e=list, seqs=list, forwards=list, stamps=list,
                types=dict, row=Py_ssize_t, si=Py_ssize_t, k=Py_ssize_t, n=Py_ssize_t, rows=Py_ssize_t,
@@ -53,10 +61,10 @@ cpdef list _buckets_out(object buckets)
 
 # the integers as C integers where they lie (PACK4) or in an array (the body's list: PACK3, PACK2)
 @cython.locals(ints="const long long[::1]", strs=list, extras=list, seqs=list, item_of=list, numbers=dict,
-               entries=list, stamps=list, body_at=Py_ssize_t,
+               entries=list, stamps=list, head=tuple, vec_at=Py_ssize_t,
                items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
-               si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t, rows=Py_ssize_t,
-               n_scores=Py_ssize_t, count=Py_ssize_t, dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,
+               si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t,
+               dim=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, r=Py_ssize_t,
                code=cython.longlong, flags=cython.longlong, shift=int, mask=cython.longlong, base=cython.longlong,
                d=cython.longlong, pos=cython.longlong, ts_us=cython.longlong, ts_ms=cython.longlong, entry=tuple)
 cpdef tuple decode_forward_entries(object data, Py_ssize_t row_base=*, Py_ssize_t score_base=*)

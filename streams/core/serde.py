@@ -485,9 +485,17 @@ def _pack_blocks(
         raise StoreError(f"not a forward pack (first byte {fields[0]})")
     dim, rows, n_scores = fields[1], fields[2], fields[3]
     at = head.size + 4 * dim * rows
-    vecs: list[Vec] = list(_frombuffer(data, _F4, dim * rows, head.size).reshape(rows, dim).copy()) if rows else []
-    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, at).tolist()) if n_scores else ()
+    vecs, flat = _blocks(data, dim, rows, n_scores, head.size, at)
     return fields, vecs, flat, at + 8 * n_scores
+
+
+def _blocks(
+    data: bytes, dim: int, rows: int, n_scores: int, vec_at: int, score_at: int
+) -> tuple[list[Vec], tuple[float, ...]]:
+    """A pack's user vectors (``rows`` float32 rows of ``dim`` at ``vec_at``) and negatives' scores (a tuple)."""
+    vecs: list[Vec] = list(_frombuffer(data, _F4, dim * rows, vec_at).reshape(rows, dim).copy()) if rows else []
+    flat: tuple[float, ...] = tuple(_frombuffer(data, _F8, n_scores, score_at).tolist()) if n_scores else ()
+    return vecs, flat
 
 
 def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], list[int]]:
@@ -576,24 +584,52 @@ def decode_forward_pack(data: bytes) -> tuple[int, list[int], list[Forward], lis
     return src, seqs, forwards, stamps
 
 
+def _pack_parts(data: bytes) -> tuple[bool, tuple[int, ...], int, int, int, Any, memoryview, list[Any], list[Any]]:
+    """A ``PACK4``, ``PACK3`` or ``PACK2`` record's layout, checked -> (whether its entries number their
+    items (not ``PACK2``), head (``PACK3``'s fields: first byte, dim, vectors, scores, entries or strings),
+    where the vector block, the score block and what follows them begin, src, ints, strs, extras).
+
+    Both pack decoders start here; neither reads the blocks (one copies them out, the other joins them).
+    """
+    if len(data) < 1:
+        raise StoreError("forward pack too short")
+    fmt = data[0]
+    head = _PACK4_HEAD if fmt == PACK4 else _PACK23_HEAD
+    if len(data) < head.size:
+        raise StoreError("forward pack too short")
+    n_ints = 0
+    if fmt == PACK4:
+        fmt, dim, rows, n_scores, count, n_ints = head.unpack_from(data)
+    else:
+        fmt, dim, rows, n_scores, count = head.unpack_from(data)
+    v3 = fmt == PACK4 or fmt == PACK3  # (entries that number their items)
+    if not v3 and fmt != PACK2:
+        raise StoreError(f"not a forward pack (first byte {fmt})")
+    at = head.size + 4 * dim * rows
+    end = at + 8 * n_scores
+    body_at = end + 8 * n_ints
+    if len(data) < body_at:
+        raise StoreError("forward pack too short")
+    view = memoryview(data)
+    if fmt == PACK4:
+        ints = _int64s(view[end:body_at])
+        src, strs, extras = orjson.loads(view[body_at:])
+    else:
+        src, listed, strs, extras = orjson.loads(view[end:])
+        ints = _int64s_of(listed)
+    if not v3 and len(strs) != count:
+        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {count}")
+    return v3, (fmt, dim, rows, n_scores, count), head.size, at, end, src, ints, strs, extras
+
+
 def _pack234(
     data: bytes,
 ) -> tuple[bool, tuple[int, ...], list[Vec], tuple[float, ...], Any, memoryview, list[Any], list[Any]]:
     """A ``PACK4``, ``PACK3`` or ``PACK2`` record's parts -> (whether its entries number their items (not
     ``PACK2``), head (``PACK3``'s fields), vectors, scores, src, ints, strs, extras)."""
-    if data[0] == PACK4:
-        head, vecs, flat, end = _pack_blocks(data, _PACK4_HEAD, PACK4)
-        body_at = end + 8 * head[5]
-        if len(data) < body_at:
-            raise StoreError("forward pack too short")
-        src, strs, extras = orjson.loads(memoryview(data)[body_at:])
-        return True, head[:5], vecs, flat, src, _int64s(memoryview(data)[end:body_at]), strs, extras
-    v3 = data[0] == PACK3
-    head, vecs, flat, end = _pack_blocks(data, _PACK23_HEAD, PACK3 if v3 else PACK2)
-    src, ints, strs, extras = orjson.loads(memoryview(data)[end:])
-    if not v3 and len(strs) != head[4]:
-        raise StoreError(f"forward pack holds {len(strs)} strings, its head says {head[4]}")
-    return v3, head, vecs, flat, src, _int64s_of(ints), strs, extras
+    v3, head, vec_at, at, _end, src, ints, strs, extras = _pack_parts(data)
+    vecs, flat = _blocks(data, head[1], head[2], head[3], vec_at, at)
+    return v3, head, vecs, flat, src, ints, strs, extras
 
 
 def _check_used(
@@ -631,32 +667,9 @@ def decode_forward_entries(
     fmt = data[0]
     if fmt == PACK:
         return _pack1_entries(data, row_base, score_base)
-    head = _PACK4_HEAD if fmt == PACK4 else _PACK23_HEAD
-    if len(data) < head.size:
-        raise StoreError("forward pack too short")
-    n_ints = 0
-    if fmt == PACK4:
-        fmt, dim, rows, n_scores, count, n_ints = head.unpack_from(data)
-    else:
-        fmt, dim, rows, n_scores, count = head.unpack_from(data)
-    v3 = fmt == PACK4 or fmt == PACK3  # (entries that number their items)
-    if not v3 and fmt != PACK2:
-        raise StoreError(f"not a forward pack (first byte {fmt})")
-    at = head.size + 4 * dim * rows
-    end = at + 8 * n_scores
-    body_at = end + 8 * n_ints
-    if len(data) < body_at:
-        raise StoreError("forward pack too short")
-    view = memoryview(data)
-    if fmt == PACK4:
-        ints = _int64s(view[end:body_at])
-        src, strs, extras = orjson.loads(view[body_at:])
-    else:
-        src, listed, strs, extras = orjson.loads(view[end:])
-        ints = _int64s_of(listed)
+    v3, head, vec_at, at, end, src, ints, strs, extras = _pack_parts(data)
+    dim = head[1]
     n_strs = len(strs)
-    if not v3 and n_strs != count:
-        raise StoreError(f"forward pack holds {n_strs} strings, its head says {count}")
     seqs: list[int] = []
     items: list[str] = []  # the pack's items, in order of first appearance
     item_of: list[int] = []  # each entry's item: its number in items
@@ -745,8 +758,9 @@ def decode_forward_entries(
             stamps.append(ms)
     except (IndexError, KeyError) as exc:
         raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
-    _check_used(v3, (fmt, dim, rows, n_scores, count), len(entries), row, si_f, si, n_strs, xi, len(extras))
-    return src, seqs, items, item_of, entries, stamps, dim, view[head.size : at], view[at:end]
+    _check_used(v3, head, len(entries), row, si_f, si, n_strs, xi, len(extras))
+    view = memoryview(data)
+    return src, seqs, items, item_of, entries, stamps, dim, view[vec_at:at], view[at:end]
 
 
 def _pack1_entries(
