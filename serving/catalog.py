@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streams.core import serde
-from streams.core.state import B5_US, B60_US, CoreConfig, ItemState, Vec, item_features
+from streams.core.state import B5_US, B60_US, CoreConfig, ItemState, Vec, ctr, item_features
 
 __all__ = ["ItemCatalog"]
 
@@ -43,8 +43,7 @@ def _row_features(
         end = (idx + 1) * B60_US
         if end - B60_US <= now:
             popularity += pos * math.exp(-lam * max(0, now - end))
-    ctr = (clk_24h + cfg.ctr_prior_clicks) / (imp_24h + cfg.ctr_prior_impressions)
-    return ctr, popularity, (pos_1h + 1.0) / (pos_24h / 24.0 + 1.0)
+    return ctr(clk_24h, imp_24h, cfg), popularity, (pos_1h + 1.0) / (pos_24h / 24.0 + 1.0)
 
 
 class ItemCatalog:

@@ -59,6 +59,7 @@ __all__ = [
     "score_array",
     "init_vector",
     "init_matrix",
+    "ctr",
     "item_features",
     "user_features",
     "hash64",
@@ -113,6 +114,12 @@ class CoreConfig:
                 raise ValueError(f"CoreConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.lateness_us < 0 or self.ctr_prior_impressions <= 0:
             raise ValueError("CoreConfig: lateness_us must be >= 0 and ctr_prior_impressions > 0")
+        # the prior's mean a / b is a CTR: in [0, 1], so that every estimate (see ``ctr``) is one too
+        if not 0 <= self.ctr_prior_clicks <= self.ctr_prior_impressions:
+            raise ValueError(
+                "CoreConfig: ctr_prior_clicks must be in [0, ctr_prior_impressions], got "
+                f"{self.ctr_prior_clicks} and {self.ctr_prior_impressions}"
+            )
 
 
 def hash64(text: str, seed: int = 0) -> int:
@@ -1153,17 +1160,29 @@ def _window(buckets: dict[int, list[int]], width_us: int, now_us: int, span_us: 
     return total
 
 
+def ctr(clicks: int, impressions: int, cfg: CoreConfig) -> float:
+    """A click-through rate with a Beta prior: ``(clicks + a) / (max(impressions, clicks) + b)``.
+
+    ``a`` / ``b`` are ``cfg.ctr_prior_clicks`` / ``ctr_prior_impressions`` (a prior CTR of a / b, worth b
+    impressions). A click counts as its own impression when fewer impressions than clicks were logged in
+    the window: apps click through from surfaces whose impressions never reach the ``impressions``
+    topic (another app, a push message, a link), so the raw ratio could exceed 1. With that, and
+    ``0 <= a <= b`` (checked by CoreConfig), the rate always lies in [0, 1].
+    """
+    shown = impressions if impressions > clicks else clicks
+    return (clicks + cfg.ctr_prior_clicks) / (shown + cfg.ctr_prior_impressions)
+
+
 def item_features(state: ItemState, now_us: int, cfg: CoreConfig) -> dict[str, float]:
     """Read-time item features as of ``now_us`` (event time).
 
-    * ``ctr_1h`` / ``ctr_24h``: (clicks + a) / (impressions + b), a Beta prior.
+    * ``ctr_1h`` / ``ctr_24h``: :func:`ctr` over the window, a Beta prior.
     * ``pos_1h`` / ``pos_24h``: positive interactions in the window.
     * ``popularity``: exponentially decayed positives (half-life ``trend_half_life_us``).
     * ``trending``: ``(pos_1h + 1) / (pos_24h / 24 + 1)``, the last hour against the day's mean.
     """
     h1 = _window(state.b5, B5_US, now_us, 12 * B5_US)
     h24 = _window(state.b60, B60_US, now_us, 24 * B60_US)
-    a, b = cfg.ctr_prior_clicks, cfg.ctr_prior_impressions
     lam = math.log(2) / cfg.trend_half_life_us
     popularity = 0.0
     for idx, counts in state.b60.items():
@@ -1171,8 +1190,8 @@ def item_features(state: ItemState, now_us: int, cfg: CoreConfig) -> dict[str, f
         if end - B60_US <= now_us:
             popularity += counts[2] * math.exp(-lam * max(0, now_us - end))
     return {
-        "ctr_1h": (h1[1] + a) / (h1[0] + b),
-        "ctr_24h": (h24[1] + a) / (h24[0] + b),
+        "ctr_1h": ctr(h1[1], h1[0], cfg),
+        "ctr_24h": ctr(h24[1], h24[0], cfg),
         "pos_1h": float(h1[2]),
         "pos_24h": float(h24[2]),
         "popularity": popularity,

@@ -35,6 +35,7 @@ from streams.core.state import (
     apply_item_forwards,
     apply_user_batch,
     apply_user_events,
+    ctr,
     forward_entries,
     forward_seqs,
     hash64,
@@ -549,6 +550,38 @@ def test_core_config_rejects_a_zero_that_breaks_the_maths(field: str) -> None:
         CoreConfig(**{field: 0})
     with pytest.raises(ValueError, match="ctr_prior_impressions"):
         CoreConfig(ctr_prior_impressions=0.0)
+
+
+@pytest.mark.parametrize(("a", "b"), [(-1.0, 20.0), (21.0, 20.0)])
+def test_core_config_rejects_a_ctr_prior_outside_0_1(a: float, b: float) -> None:
+    # a prior CTR a / b below 0 or above 1 would make every CTR estimate of a cold item one too
+    with pytest.raises(ValueError, match="ctr_prior_clicks"):
+        CoreConfig(ctr_prior_clicks=a, ctr_prior_impressions=b)
+
+
+def test_clicks_without_logged_impressions_count_as_their_own_impressions() -> None:
+    # 5 clicks, 2 impressions logged in the hour (the others' surfaces log none): 5 impressions at least
+    forwards = [fw(k, EventType.IMPRESSION, 10 * H + k) for k in (1, 2)]
+    forwards += [fw(k, EventType.CLICK, 10 * H + k) for k in range(3, 8)]
+    state = apply_item_forwards(None, "i1", forwards, CFG)
+    f = item_features(state, T0 + 10 * H + H // 2, CFG)
+    assert f["clicks"] == 5 and f["impressions"] == 2
+    assert f["ctr_1h"] == pytest.approx((5 + 1) / (5 + 20)) and f["ctr_24h"] == f["ctr_1h"]
+    # (the ratio of the raw counts, (5 + 1) / (2 + 20), is what the formula gave before)
+
+
+@given(
+    clicks=st.integers(0, 10**6),
+    impressions=st.integers(0, 10**6),
+    a=st.floats(0.0, 50.0),
+    extra=st.floats(0.0, 1000.0),
+)
+def test_ctr_is_a_rate_for_any_counts(clicks: int, impressions: int, a: float, extra: float) -> None:
+    cfg = CoreConfig(ctr_prior_clicks=a, ctr_prior_impressions=max(a + extra, 1e-3))
+    rate = ctr(clicks, impressions, cfg)
+    assert 0.0 <= rate <= 1.0
+    if impressions >= clicks:  # the logged impressions cover the clicks: the plain Beta-prior estimate
+        assert rate == (clicks + cfg.ctr_prior_clicks) / (impressions + cfg.ctr_prior_impressions)
 
 
 def test_the_state_classes_keep_the_dataclass_api() -> None:
