@@ -56,7 +56,7 @@ cdef object _context_at(const unsigned char* p, Py_ssize_t i, Py_ssize_t n)
 @cython.locals(e=Py_ssize_t, out=list)
 cdef object _slate_at(const unsigned char* p, Py_ssize_t i, Py_ssize_t n)
 
-@cython.locals(bad=cython.int, k=Py_ssize_t, c=cython.uchar)
+@cython.locals(bad=cython.uchar, k=Py_ssize_t, c=cython.uchar)
 cdef bint _printable(const unsigned char* p, Py_ssize_t n) noexcept
 
 cdef Py_ssize_t _str_end(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) noexcept

@@ -595,8 +595,8 @@ def _slate_at(p: bytes, i: int, n: int) -> tuple[tuple[str, ...], int] | None:
 def _printable(p: bytes, n: int) -> bool:
     """Whether ``p[:n]`` is printable ASCII without a backslash: then a string ends at the next quote.
 
-    (One pass without branches, which the C compiler vectorizes: outside strings, every byte the
-    scanner accepts is printable ASCII anyway.)
+    (One pass without branches, which the C compiler vectorizes, 16 bytes a step with a byte-wide ``bad``:
+    outside strings, every byte the scanner accepts is printable ASCII anyway.)
     """
     bad = 0
     for k in range(n):
@@ -610,9 +610,21 @@ def _str_end(p: bytes, i: int, n: int) -> int:
     if i >= n or p[i] != ord('"'):
         return -1
     i += 1
-    while i < n and p[i] != ord('"'):
+    while i + 4 <= n:  # (four bytes a step: one bounds check for four, ~400 instructions an event less)
+        if p[i] == ord('"'):
+            return i + 1
+        if p[i + 1] == ord('"'):
+            return i + 2
+        if p[i + 2] == ord('"'):
+            return i + 3
+        if p[i + 3] == ord('"'):
+            return i + 4
+        i += 4
+    while i < n:
+        if p[i] == ord('"'):
+            return i + 1
         i += 1
-    return i + 1 if i < n else -1
+    return -1
 
 
 def _uint_end(p: bytes, i: int, n: int) -> int:
