@@ -42,6 +42,8 @@ cdef int _C_SURFACE, _C_SESSION_ID, _C_DEVICE, _C_POSITION
 cdef int _REQUIRED
 cdef long long _MAX_VERSION
 cdef Py_ssize_t _MAX_DIGITS
+cdef Py_ssize_t _FEW_SLOTS
+cdef list _FEW
 cdef object _VIEW, _CLICK, _ADD_TO_CART, _PURCHASE, _IMPRESSION, _UPSERT, _NO_CONTEXT
 
 @cython.locals(p=cython.p_const_uchar, n=Py_ssize_t, i=Py_ssize_t, e=Py_ssize_t, a=Py_ssize_t, b=Py_ssize_t,
@@ -50,8 +52,11 @@ cdef object _VIEW, _CLICK, _ADD_TO_CART, _PURCHASE, _IMPRESSION, _UPSERT, _NO_CO
                slate=tuple)
 cpdef object _scan(bytes data, bint check, long long ref_us)
 
-@cython.locals(e=Py_ssize_t, f=cython.int, seen=cython.int, s=str)
+@cython.locals(e=Py_ssize_t, f=cython.int, seen=cython.int)
 cdef object _context_at(const unsigned char* p, Py_ssize_t i, Py_ssize_t n)
+
+@cython.locals(k=Py_ssize_t, seen=tuple, raw=bytes, s=str)
+cdef str _few_str(const unsigned char* p, Py_ssize_t a, Py_ssize_t b)
 
 @cython.locals(e=Py_ssize_t, out=list)
 cdef object _slate_at(const unsigned char* p, Py_ssize_t i, Py_ssize_t n)

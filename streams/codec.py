@@ -272,9 +272,10 @@ _NO_TIME = _REF_MIN
 
 
 def clear_caches() -> None:
-    """Forget the memos of parsed event times (benchmarks start each timed run cold)."""
+    """Forget the memos of parsed event times and context strings (benchmarks start each timed run cold)."""
     _TIMES.clear()
     _SECONDS.clear()
+    _FEW[:] = [(b"", "")] * _FEW_SLOTS
 
 
 def _utc_time_us(text: str) -> int | None:
@@ -411,6 +412,9 @@ _PURCHASE = EventType.PURCHASE
 _MAX_VERSION = SCHEMA_VERSION
 #: the most digits an integer may have here (any 18 digits fit in int64; a longer one takes the general path)
 _MAX_DIGITS = 18
+#: the context's surfaces and devices seen last (``_few_str``), by slot: the bytes and the string made of them
+_FEW_SLOTS = 64
+_FEW: list[tuple[bytes, str]] = [(b"", "")] * _FEW_SLOTS
 
 
 def _scan(data: bytes, check: bool, ref_us: int) -> Event | None:
@@ -553,13 +557,12 @@ def _context_at(p: bytes, i: int, n: int) -> tuple[Context, int] | None:
             e = _str_end(p, i, n)
             if e < 0:
                 return None
-            s = p[i + 1 : e - 1].decode("ascii")
-            if f == _C_SURFACE:
-                surface = s
-            elif f == _C_SESSION_ID:
-                session_id = s
+            if f == _C_SESSION_ID:
+                session_id = p[i + 1 : e - 1].decode("ascii")
+            elif f == _C_SURFACE:
+                surface = _few_str(p, i + 1, e - 1)
             else:
-                device = s
+                device = _few_str(p, i + 1, e - 1)
         i = e
         if i >= n:
             return None
@@ -569,6 +572,24 @@ def _context_at(p: bytes, i: int, n: int) -> tuple[Context, int] | None:
             return Context(surface, session_id, device, position), i + 1
         else:
             return None
+
+
+def _few_str(p: bytes, a: int, b: int) -> str:
+    """``p[a:b]`` as a string, for a field of few values (a surface, a device): mostly the one made last time.
+
+    The string made of the same bytes is kept in a slot chosen by the length and the last byte (``_FEW``):
+    a comparison of the bytes instead of a new string (~190 instructions each). (Strings are values: a
+    shared one is equal to a new one in every use.)
+    """
+    k = ((b - a) * 8 + p[b - 1]) % _FEW_SLOTS  # (p[b - 1]: the opening quote of an empty string)
+    seen = _FEW[k]
+    raw = seen[0]
+    if _same(p, a, b, raw):
+        return seen[1]
+    raw = p[a:b]
+    s = raw.decode("ascii")
+    _FEW[k] = (raw, s)  # (one store: a reader never sees the bytes of one entry with the string of another)
+    return s
 
 
 def _slate_at(p: bytes, i: int, n: int) -> tuple[tuple[str, ...], int] | None:

@@ -486,3 +486,12 @@ def test_scanner_reads_slates_as_the_general_path(slate: bytes, taken: bool) -> 
 def test_utc_time_scan_declines_non_ascii(parse: Any) -> None:
     assert parse("2026-11-22T10:00:0\u0661Z") is None
     assert parse("2026-11-22T10:00:00.\u0661\u0662\u0663Z") is None
+
+
+def test_scanner_context_strings_in_one_memo_slot_stay_apart() -> None:
+    # (surfaces and devices are kept by length and last byte: "home" and "hume" share a slot, "" has its own)
+    codec.clear_caches()
+    pairs = [("home", "ios"), ("hume", "ios"), ("home", "iOs"), ("", "ios"), ("home", ""), ("hume", "x")]
+    for surface, device in pairs:
+        ev = Event("e", EventType.CLICK, 5, "u", "i", context=Context(surface, "s", device))
+        assert _scanned(codec.encode(ev)) == ev
