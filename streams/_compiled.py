@@ -40,11 +40,11 @@ COMPILED: tuple[str, ...] = (
     "replay._apply",
 )
 
-#: module -> the listed modules whose extension types it cimports (its .pxd declares their fields' C layout): it
+#: module -> the listed modules whose extension types (their fields' C layout) or C functions its .pxd cimports: it
 #: can run compiled only with those modules' extensions, so it runs as its source whenever one of them does
 CIMPORTS: dict[str, tuple[str, ...]] = {
     "streams.core.serde": ("streams.core.state",),
-    "streams.worker": ("streams.core.state",),
+    "streams.worker": ("streams.core.state", "streams.codec"),
 }
 
 _ENV = "FRESHREC_PURE_PYTHON"

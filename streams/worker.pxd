@@ -6,6 +6,8 @@
 import cython
 # the states' and the core's Outcome's fields as C struct members (the compiled state module's extension types)
 from streams.core.state cimport ItemState, Outcome, UserState, forward_seqs
+# the codec's decoder, called per record: a C call
+from streams.codec cimport decode_at
 
 @cython.locals(i=Py_ssize_t)
 cpdef object _lowest(list xs)

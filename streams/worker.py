@@ -40,7 +40,8 @@ import numpy as np
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
-from streams import _compiled, codec
+from streams import _compiled
+from streams.codec import decode_at
 from streams.config import Settings
 from streams.core import serde
 from streams.core.partition import partition_for
@@ -363,12 +364,13 @@ def _group_user_events(
     ``stamps`` every record's, in batch order.
     """
     per_user: dict[str, _UserInput] = {}
-    decode = codec.decode_at  # (the record's timestamp is the future check's reference: a C integer there)
     for m in batch:
         ts_ms = _msg_timestamp(m)[1]
         stamps.append(ts_ms)
         try:
-            ev = decode(_msg_value(m) or b"", ts_ms)
+            # (the record's timestamp is the future check's reference: a C integer there; compiled, decode_at is
+            # cimported, a C call)
+            ev = decode_at(_msg_value(m) or b"", ts_ms)
         except InvalidEvent as exc:
             rejected.append((m, exc.reason, exc.detail))
             continue

@@ -291,3 +291,207 @@ def test_utc_time_fast_path_takes_the_canonical_forms(parse: Any) -> None:
     # the other forms are parsed in full
     assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T10:00:00.5Z"})).ts_us == base + 500_000
     assert codec.decode(orjson.dumps({**GOOD, "event_time": "2026-11-22T12:00:00+02:00"})).ts_us == base
+
+
+# -- the canonical form's scanner (the compiled build's first try) ----------------------------
+# codec._scan either declines (None: the general path decides) or gives exactly the event that the general
+# path (msgspec, then from_dict) and the strict decoder give. It runs here in whichever build is loaded.
+
+
+def _scanned(raw: bytes, ref_us: int | None = None) -> Event | None:
+    """What the scanner gives for ``raw``, after checking it against the general path and the strict decoder."""
+    check = ref_us is not None
+    got = codec._scan(raw, check, ref_us if ref_us is not None else 0)
+    if got is not None:  # (repr: an int where a float or bool belongs, or a str for an EventType, would differ)
+        general = codec._decode_general(raw, check, ref_us or 0)
+        assert repr(got) == repr(general) == repr(codec.decode_strict(raw, ref_us))
+    assert _outcome(codec.decode, raw, ref_us) == _outcome(codec.decode_strict, raw, ref_us)
+    return got
+
+
+#: strings in the canonical form: printable ASCII without quotes or backslashes (which JSON would escape)
+_plain = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\'), max_size=20)
+_plain_ids = _plain.filter(bool)
+
+
+@st.composite
+def canonical_events(draw: st.DrawFn) -> Event:
+    """Events that ``encode`` writes in the canonical form: the scanner must take each of them."""
+    etype = draw(st.sampled_from(list(EventType)))
+    popt = st.none() | _plain
+    ctx = Context(draw(popt), draw(popt), draw(popt), draw(st.none() | st.integers(0, 10**18 - 1)))
+    common = {"event_id": draw(_plain_ids), "type": etype, "ts_us": draw(ts), "context": ctx,
+              "request_id": draw(popt), "category": draw(popt)}  # fmt: skip
+    if etype is EventType.IMPRESSION:
+        return Event(**common, user_id=draw(_plain_ids), item_id=draw(st.none() | _plain_ids),
+                     items=tuple(draw(st.lists(_plain_ids, min_size=1, max_size=5))))  # fmt: skip
+    if etype is EventType.ITEM_UPSERT:
+        return Event(**common, user_id=draw(st.none() | _plain_ids), item_id=draw(_plain_ids),
+                     eligible=draw(st.booleans()))  # fmt: skip
+    return Event(**common, user_id=draw(_plain_ids), item_id=draw(_plain_ids))
+
+
+@given(canonical_events())
+def test_scanner_takes_the_canonical_form(ev: Event) -> None:
+    raw = codec.encode(ev)
+    assert _scanned(raw) == ev
+    assert _scanned(raw, ev.ts_us - codec.MAX_FUTURE_US) == ev  # at the future limit
+    assert _scanned(raw, ev.ts_us - codec.MAX_FUTURE_US - 1) is None  # past it: the general path names the reason
+
+
+def test_scanner_takes_what_the_producers_write() -> None:
+    from streams.producer import synthetic_events
+
+    records = list(synthetic_events(300, 50, 20, seed=4, bad_every=50))
+    taken = [_scanned(rec.value) for rec in records]
+    assert sum(ev is None for ev in taken) == 6  # the malformed ones (every 50th)
+    movielens = orjson.dumps({"event_id": "ml-1-2-3", "type": "click", "user_id": "1",
+                              "event_time": "2001-01-01T00:00:03Z", "schema_version": 1, "item_id": "2"})  # fmt: skip
+    assert _scanned(movielens) is not None
+
+
+@given(events())
+def test_scanner_agrees_on_any_encoded_event(ev: Event) -> None:
+    # (unicode, propensities and vectors are declined: the general path decodes them)
+    got = _scanned(codec.encode(ev))
+    assert got is None or got == ev
+
+
+@given(canonical_events(), st.data())
+def test_scanner_agrees_on_corrupted_events(ev: Event, data: st.DataObject) -> None:
+    raw = bytearray(codec.encode(ev))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        edit = data.draw(st.sampled_from(["set", "delete", "insert"]))
+        byte = data.draw(st.sampled_from(b'{}[]:,"\\ 0179.e-tfnul\x00\x1f\x7f\x80\xff') | st.integers(0, 255))
+        if edit == "set":
+            raw[i] = byte
+        elif edit == "delete":
+            del raw[i]
+        else:
+            raw.insert(i, byte)
+    _scanned(bytes(raw))
+
+
+_junk = _json_values | st.dictionaries(st.text(max_size=4), _json_values, max_size=3)
+
+
+@given(canonical_events(), st.data())
+def test_scanner_agrees_on_other_spellings(ev: Event, data: st.DataObject) -> None:
+    # the same event (or a near one) as other valid JSON: whitespace, escapes, other key orders, duplicate and
+    # unknown keys, nulls, numbers written as floats or beyond int64, values of other types
+    obj = codec.to_dict(ev)
+    items = list(obj.items())
+    if data.draw(st.booleans()):
+        items = data.draw(st.permutations(items))
+    for _ in range(data.draw(st.integers(0, 2))):
+        key = data.draw(st.sampled_from([*obj, "context", "items", "propensity", "vector", "eligible", "x"]))
+        value = data.draw(
+            st.sampled_from([None, 1, 0, -1, 1.0, 2**63, 10**18, 10**19, True, "", "x", [], {}, ["a"], 0.5])
+            | st.sampled_from(list(obj.values()))
+            | _junk
+        )
+        if key == "context" and data.draw(st.booleans()):
+            value = {**obj.get("context", {}), data.draw(st.sampled_from(["surface", "position", "device"])): value}
+        items.insert(data.draw(st.integers(0, len(items))), (key, value))  # (a duplicate key where it exists)
+    sep = data.draw(st.sampled_from([(",", ":"), (", ", ": "), (",", " :"), ("\n,", ":\t")]))
+    ascii_only = data.draw(st.booleans())  # (True: non-ASCII written as \u escapes)
+    body = sep[0].join(json.dumps(k, ensure_ascii=ascii_only) + sep[1] + json.dumps(v, ensure_ascii=ascii_only)
+                       for k, v in items)  # fmt: skip
+    raw = ("{" + body + "}").encode()
+    if data.draw(st.booleans()):
+        raw = data.draw(st.sampled_from([b" ", b"\n", b""])) + raw + data.draw(st.sampled_from([b" ", b"\n", b"x"]))
+    _scanned(raw, data.draw(st.none() | st.just(ev.ts_us) | st.just(ev.ts_us - codec.MAX_FUTURE_US - 1)))
+
+
+@given(raw_objects(), st.none() | st.just(1_795_000_000_000_000))
+def test_scanner_agrees_on_arbitrary_objects(raw: bytes, ref_us: int | None) -> None:
+    _scanned(raw, ref_us)
+    _scanned(raw.replace(b", ", b",").replace(b": ", b":"), ref_us)  # (json.dumps's spaces: the scanner declines them)
+
+
+_CANONICAL_CLICK = (b'{"event_id":"e","type":"click","user_id":"u","event_time":"2026-11-22T10:00:00Z",'
+                    b'"schema_version":1,"item_id":"i"}')  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("raw", "taken"),
+    [
+        (_CANONICAL_CLICK, True),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{}}'), True),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":0}}'), True),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":999999999999999999}}'), True),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":9223372036854775807}}'), False),  # 19 digits
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":9223372036854775808}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":01}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":1.0}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":1e2}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"position":-1}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"device":"a","device":"b"}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"device":null}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{"x":"y"}}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","context":{}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","propensity":0.5}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","items":["a"]}'), False),  # ignored for a click: declined
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","eligible":true}'), False),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","request_id":""}'), True),
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","item_id":"j"}'), False),  # a duplicate key
+        (_CANONICAL_CLICK.replace(b'"i"}', b'"i","x":1}'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":"' + b"u" * 256 + b'"'), True),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":"' + b"u" * 257 + b'"'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":""'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":"\\u0075"'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":"\xc3\xa9"'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u"', b'"user_id":"\x7f"'), False),
+        (_CANONICAL_CLICK.replace(b'"user_id":"u",', b""), False),
+        (_CANONICAL_CLICK.replace(b'"schema_version":1', b'"schema_version":2'), False),
+        (_CANONICAL_CLICK.replace(b'"schema_version":1', b'"schema_version":true'), False),
+        (_CANONICAL_CLICK.replace(b"10:00:00Z", b"10:00:00.5Z"), False),  # valid, not canonical
+        (_CANONICAL_CLICK.replace(b"10:00:00Z", b"10:00:00.123Z"), True),
+        (_CANONICAL_CLICK.replace(b"10:00:00Z", b"10:00:00.123456Z"), True),
+        (_CANONICAL_CLICK.replace(b"2026-11-22", b"2026-02-29"), False),
+        (_CANONICAL_CLICK.replace(b'"click"', b'"clicks"'), False),
+        (_CANONICAL_CLICK.replace(b'"click"', b'"impression"'), False),  # no slate
+        (_CANONICAL_CLICK.replace(b'"click"', b'"item_upsert"'), True),
+        (_CANONICAL_CLICK + b" ", False),
+        (b" " + _CANONICAL_CLICK, False),
+        (_CANONICAL_CLICK[:-1] + b",}", False),
+        (b"{}", False),
+        (b"{", False),
+        (b"", False),
+    ],
+)
+def test_scanner_edge_cases(raw: bytes, taken: bool) -> None:
+    assert (_scanned(raw) is not None) is taken
+    assert (_scanned(raw, 0) is not None) is False  # (2026 is past the future limit of 1970)
+    for i in range(len(raw)):  # every prefix (of a taken one: declined), handled alike by the other paths
+        assert _scanned(raw[:i]) is None or not taken
+
+
+@pytest.mark.parametrize(
+    ("slate", "taken"),
+    [(b'["a"]', True), (b'["a","b"]', True), (b"[]", False), (b'[""]', False), (b'["a",""]', False),
+     (b'["a",]', False), (b'["a" ]', False), (b'["a",1]', False), (b'["a"', False),
+     (b"[" + b'"x",' * 999 + b'"y"]', True), (b"[" + b'"x",' * 1000 + b'"y"]', False)],
+)  # fmt: skip
+def test_scanner_reads_slates_as_the_general_path(slate: bytes, taken: bool) -> None:
+    raw = (b'{"event_id":"e","type":"impression","user_id":"u","event_time":"2026-11-22T10:00:00Z",'
+           b'"schema_version":1,"items":' + slate + b"}")  # fmt: skip
+    got = _scanned(raw)
+    assert (got is not None) is taken
+    assert got is None or type(got.items) is tuple
+
+
+@pytest.mark.parametrize("parse", [codec._utc_time_us, codec._utc_time_scan])
+def test_utc_time_scan_declines_non_ascii(parse: Any) -> None:
+    assert parse("2026-11-22T10:00:0\u0661Z") is None
+    assert parse("2026-11-22T10:00:00.\u0661\u0662\u0663Z") is None
+
+
+def test_scanner_context_strings_in_one_memo_slot_stay_apart() -> None:
+    # (surfaces and devices are kept by length and last byte: "home" and "hume" share a slot, "" has its own)
+    codec.clear_caches()
+    pairs = [("home", "ios"), ("hume", "ios"), ("home", "iOs"), ("", "ios"), ("home", ""), ("hume", "x")]
+    for surface, device in pairs:
+        ev = Event("e", EventType.CLICK, 5, "u", "i", context=Context(surface, "s", device))
+        assert _scanned(codec.encode(ev)) == ev
