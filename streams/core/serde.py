@@ -267,8 +267,16 @@ def encode_users(states: list[UserState]) -> list[bytes]:
     buf = spare.pop(0, None)
     if buf is None:
         buf = bytearray()
+    body: list[Any] = [None] * 8  # one list a batch, its items set per state (no list made and freed a state)
     for s in states:
-        body = [s.counts, s.recent, s.session, s.seen, s.max_ts, s.steps, s.version, s.offsets]
+        body[0] = s.counts
+        body[1] = s.recent
+        body[2] = s.session
+        body[3] = s.seen
+        body[4] = s.max_ts
+        body[5] = s.steps
+        body[6] = s.version
+        body[7] = s.offsets
         out.append(_state_value(s.vector, body, buf))
     if len(buf) <= _BUFFER_KEEP:
         spare[0] = buf
@@ -328,11 +336,18 @@ def encode_items(states: list[ItemState]) -> list[bytes]:
     buf = spare.pop(0, None)
     if buf is None:
         buf = bytearray()
+    body: list[Any] = [None] * 10  # one list a batch (as encode_users)
     for s in states:
-        body = [
-            s.counts, _buckets_out(s.b5), _buckets_out(s.b60), s.max_ts, s.eligible, s.category,
-            s.steps, s.version, s.offsets, s.upsert_key,
-        ]  # fmt: skip
+        body[0] = s.counts
+        body[1] = _buckets_out(s.b5)
+        body[2] = _buckets_out(s.b60)
+        body[3] = s.max_ts
+        body[4] = s.eligible
+        body[5] = s.category
+        body[6] = s.steps
+        body[7] = s.version
+        body[8] = s.offsets
+        body[9] = s.upsert_key
         out.append(_state_value(s.vector, body, buf))
     if len(buf) <= _BUFFER_KEEP:
         spare[0] = buf
