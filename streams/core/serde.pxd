@@ -35,11 +35,21 @@ cpdef tuple _pack_parts(object data)
                n_scores=Py_ssize_t, fw=tuple)
 cpdef tuple _decode_pack1(object data)
 
-@cython.locals(spare=dict)
+@cython.locals(spare=dict, buf=bytearray)
 cpdef bytes _pack(object vector, object body)
 
 @cython.locals(dim=Py_ssize_t, heads=dict)
 cpdef bytes _value(object vector, bytearray body)
+
+cdef bint _COMPILED
+cdef Py_ssize_t _HEAD_SIZE
+
+cpdef bytes _state_value(object vector, object body, bytearray buf)
+
+# the value's bytes through the bytearray's C buffer (``p``) and the vector's bytes (``d``)
+@cython.locals(dim=Py_ssize_t, n=Py_ssize_t, at=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, data=bytes, p="unsigned char *",
+               d="const unsigned char *")
+cpdef bytes _value_into(object vector, object body, bytearray buf)
 
 # the states typed wherever this module annotates them (see state.pxd)
 cpdef bytes encode_user(UserState s)
@@ -50,10 +60,10 @@ cpdef bytes user_digest(UserState s)
 
 cpdef bytes item_digest(ItemState s)
 
-@cython.locals(out=list, spare=dict, s=UserState)
+@cython.locals(out=list, spare=dict, s=UserState, body=list, buf=bytearray)
 cpdef list encode_users(list states)
 
-@cython.locals(out=list, spare=dict, body=list, s=ItemState)
+@cython.locals(out=list, spare=dict, body=list, s=ItemState, buf=bytearray)
 cpdef list encode_items(list states)
 
 @cython.locals(out=list, v=list)

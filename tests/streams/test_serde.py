@@ -763,3 +763,51 @@ def test_a_failed_batch_encoding_leaves_the_next_one_intact() -> None:
     with pytest.raises(OverflowError):
         serde.encode_items([ItemState(max_ts=-(2**64))])
     assert serde.encode_users(good) == expected and serde.encode_users([]) == []
+
+
+def _state_bytes(vector: Any, body: list[Any]) -> bytes:
+    """The state format written out by hand: header, the vector's little-endian float32s, msgspec's body."""
+    vec = b"" if vector is None else vector.astype("<f4").tobytes()
+    return struct.pack("<BH", serde.FORMAT, 0 if vector is None else len(vector)) + vec + msgspec.msgpack.encode(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_user(), _item(), st.integers(0, 2), st.binary(max_size=600))
+def test_state_values_written_in_place_are_msgspecs_bytes(
+    user: UserState, item: ItemState, how: int, junk: bytes
+) -> None:
+    """``_value_into`` (the compiled build's writer: header and vector into the scratch buffer, msgspec's body after
+    them) gives the format's bytes whatever the buffer held before, or None where ``_value`` must write them: a
+    vector that is not float32. Run in both builds (plain Python calls it here only)."""
+    cases: list[tuple[Any, list[Any], Any]] = [
+        (user, _user_body(user), serde.encode_user),
+        (item, _item_body(item), serde.encode_item),
+    ]
+    for state, body, encode in cases:
+        state.vector = _odd_vector(state.vector, how)
+        expected = _state_bytes(state.vector, body)
+        assert encode(state) == expected
+        buf = bytearray(junk)  # a buffer left longer, or shorter, by the state before
+        value = serde._value_into(state.vector, body, buf)
+        if how == 1 and state.vector is not None:  # float64: converted by _value
+            assert value is None
+        else:  # a strided float32 view is written too (its C-order floats)
+            assert type(value) is bytes and value == expected
+    assert serde.encode_users([user]) == [serde.encode_user(user)]
+    assert serde.encode_items([item]) == [serde.encode_item(item)]
+
+
+def test_vectors_written_in_place_or_left_to_value() -> None:
+    """The vectors ``_value_into`` leaves to ``_value`` (another dtype or byte order, more than one axis, a
+    dimension past the header's uint16) encode as before; a float32 row of 65535 is written in place."""
+    body = _user_body(UserState(seen={"é": 5}))
+    mat = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for vec in (np.ones(3, dtype=np.float64), np.ones(3, dtype=">f4"), mat, np.ones(1 << 16, dtype=np.float32)):
+        assert serde._value_into(vec, body, bytearray()) is None
+    # a 2-row matrix: the header says 2 and the whole buffer follows, as _value joins it (not a valid state)
+    assert serde._pack(mat, body) == struct.pack("<BH", serde.FORMAT, 2) + mat.tobytes() + msgspec.msgpack.encode(body)
+    with pytest.raises(struct.error):
+        serde._pack(np.ones(1 << 16, dtype=np.float32), body)
+    wide = np.arange(65535, dtype=np.float32)
+    assert serde._value_into(wide, body, bytearray(b"x")) == _state_bytes(wide, body)
+    assert serde._value_into(None, body, bytearray(100)) == _state_bytes(None, body)
