@@ -42,7 +42,7 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
 @cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t, n=Py_ssize_t,
                i=Py_ssize_t, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, pack_dim=Py_ssize_t,
-               vec_blocks=list, score_blocks=list, seqs=list, items=list, item_of=list, entries=list, stamps=list,
+               vec_blocks=list, score_blocks=list, items=list, item_of=list, entries=list, stamps=list,
                inputs=list, j=Py_ssize_t)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
@@ -56,6 +56,6 @@ cpdef Py_ssize_t _store_users(list work, list offsets, object results, object to
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 
-@cython.locals(n=Py_ssize_t, applied=dict, new=ItemState)
+@cython.locals(n=Py_ssize_t, applied=dict, new=ItemState, with_vector=list, vectors=list)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
                    object producer, object changelog, object replica, list ids, list raw_keys, list keys)
