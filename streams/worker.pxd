@@ -37,7 +37,7 @@ cpdef dict _by_partition(object msgs)
 cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
 @cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list,
-               applied=dict)
+               applied=dict, user=UserState, item=ItemState)
 cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
 @cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t, n=Py_ssize_t,
@@ -47,7 +47,7 @@ cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict, new=UserState,
-               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t)
+               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t, last_src=Py_ssize_t)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog, list ids,
                               list raw_keys, list keys) except -1

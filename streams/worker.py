@@ -408,8 +408,17 @@ def _past_guards(
         offs, xs = inputs[key]
         guard = -1
         if state is not None:
-            applied = state.offsets  # (typed: an inlined dict lookup, not a method call)
-            guard = applied.get(topic, -1)
+            # the state's offsets read as a C struct member (compiled) when its type is known: a generic
+            # attribute lookup cost ~130 instructions a key
+            if type(state) is UserState:
+                user: UserState = state
+                applied = user.offsets
+            elif type(state) is ItemState:
+                item: ItemState = state
+                applied = item.offsets
+            else:
+                applied = state.offsets
+            guard = applied.get(topic, -1)  # (typed: an inlined dict lookup, not a method call)
         if guard >= _lowest(offs):  # a redelivery: keep what is past the guard
             fresh = [k for k in range(len(offs)) if offs[k] > guard]
             dropped += len(offs) - len(fresh)
@@ -523,9 +532,13 @@ def _store_users(
         fw_src = out.forward_src
         if not len(seqs) == len(fws) == len(fw_src):
             raise ValueError("one sequence number and source per forward")
+        last_src = -1
         for j in range(len(fws)):
             src = fw_src[j]  # (a C index, compiled: ``offs[src]`` is a direct list read)
-            forwards.append((seqs[j], fws[j], rec_ts[offs[src]]))
+            if src != last_src:  # a record's forwards (a slate's) are consecutive: its timestamp looked up once
+                ts_ms = rec_ts[offs[src]]
+                last_src = src
+            forwards.append((seqs[j], fws[j], ts_ms))
     values = serde.encode_users(news)  # (with their offsets: encoded after the loop above)
     _put_states(work, news, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     return duplicates

@@ -19,6 +19,7 @@ from streams.core.state import (
     CoreConfig,
     Forward,
     ItemState,
+    Outcome,
     UserState,
     apply_item_batch,
     apply_item_entries,
@@ -152,6 +153,44 @@ def test_past_guards_drops_what_the_states_already_include() -> None:
     assert offsets == [[12], [7, 8], [3]] and dropped == 3
     with pytest.raises(ValueError):
         worker._past_guards(["a"], [], inputs, "events")  # type: ignore[type-var]
+
+
+def test_past_guards_reads_the_offsets_of_either_state_type_and_of_any_object_with_them() -> None:
+    """User and item states (typed reads, compiled) and another object with ``offsets`` guard alike."""
+
+    class _Other:
+        offsets = {"by-item": 4}
+
+    inputs = {"a": ([4, 5], ["x0", "x1"]), "b": ([3, 4], ["x2", "x3"]), "c": ([4], ["x4"])}
+    states: list[Any] = [ItemState(offsets={"by-item": 4}), UserState(offsets={"by-item": 3}), _Other()]
+    work, offsets, dropped = worker._past_guards(["a", "b", "c"], states, inputs, "by-item")  # type: ignore[type-var]
+    assert [(k, xs) for k, _, xs in work] == [("a", ["x1"]), ("b", ["x3"])] and offsets == [[5], [4]]
+    assert dropped == 3
+
+
+def test_store_users_gives_each_forward_its_seq_and_its_records_timestamp() -> None:
+    """A slate's forwards (consecutive, one source record) share the record's timestamp; the next record's differ."""
+    out = Outcome()
+    out.forwards = [_fw(f"i{n}", n) for n in range(6)]
+    out.forward_src = [0, 0, 0, 1, 2, 2]
+    work: list[Any] = [("u1", None, ["e0", "e1", "e2"])]
+    raw, keys = worker._state_keys(["u1"])
+    forwards: list[Any] = []
+    late: list[int] = []
+    puts: dict[bytes, bytes] = {}
+    p = _Producer()
+    shard: Any = _Shard(10)
+    rec_ts = {10: 1000, 11: 1100, 12: 1200}
+    dups = worker._store_users(
+        work, [[10, 11, 12]], [(UserState(), out)], "events", rec_ts, forwards, late, puts, shard, p, "chg", ["u1"],
+        raw, keys,
+    )  # fmt: skip
+    s = FORWARD_SLOTS
+    assert [(seq, ts) for seq, _, ts in forwards] == [
+        (10 * s, 1000), (10 * s + 1, 1000), (10 * s + 2, 1000), (11 * s, 1100), (12 * s, 1200), (12 * s + 1, 1200)
+    ]  # fmt: skip
+    assert [f for _, f, _ in forwards] == out.forwards and dups == 0 and late == []
+    assert list(puts) == [b"ku1"] and [r[2] for r in p.records] == [b"u1"]
 
 
 def _fw(item: str, i: int) -> Forward:
