@@ -18,7 +18,7 @@ cpdef _send(object producer, object topic, object value, object key, object part
 cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
 
 cpdef _put_state(object key, object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
-                 object producer, object changelog, object partition)
+                 object producer, object produce, object changelog, object partition)
 
 @cython.locals(raw=list, keys=list, i=str, r=bytes, prefix=bytes)
 cpdef tuple _state_keys(list ids)

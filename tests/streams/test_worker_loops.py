@@ -348,6 +348,46 @@ def test_put_states_finds_each_work_items_keys_among_the_batchs_ids(cache_entrie
     worker._put_states(work, news, values, ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
     assert puts == {b"ka": b"va", b"kc": b"vc", b"ke": b"ve"}
     assert p.records == [("chg", b"va", b"a", 2), ("chg", b"vc", b"c", 2), ("chg", b"ve", b"e", 2)]
+    assert p.polls == 1  # the full queue: polled once, then the record taken (as _send does)
     assert shard.cache == ({b"ka": "A", b"kc": "C", b"ke": "E"} if cache_entries else {})
     with pytest.raises(ValueError):
         worker._put_states(work, news, values[:2], ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
+
+
+def test_tail_replica_leaves_the_replica_as_a_put_per_record(tmp_path: Any) -> None:
+    """The changelog tail's one ``put_many`` a consume: each item's newest vector, new items' rows in order of
+    first appearance (what the negatives' sampling reads), meta records, deletes and vectorless states skipped."""
+    from streams.config import Settings
+    from streams.core.vectors import ItemReplica
+
+    w = worker.StreamWorker(Settings(data_dir=str(tmp_path)))
+    rng = np.random.default_rng(3)
+    vecs = [rng.standard_normal(w.cfg.dim).astype(np.float32) for _ in range(5)]
+    records: list[tuple[bytes | None, bytes]] = [
+        (b"i1", serde.encode_item(ItemState(vector=vecs[0]))),
+        (b"i2", serde.encode_item(ItemState(vector=vecs[1]))),
+        (b"\x00off:events:0", b"5"),
+        (b"i1", serde.encode_item(ItemState(vector=vecs[2]))),
+        (b"i3", serde.encode_item(ItemState())),
+        (b"i0", serde.encode_item(ItemState(vector=vecs[3]))),
+        (None, b"x"),
+        (b"i2", b""),
+        (b"i4", serde.encode_item(ItemState(vector=vecs[4]))),
+    ]
+
+    class _Tail:
+        def consume(self, n: int, timeout: float) -> list[Message]:
+            return [Message(topic="ic", partition=0, offset=i, key=k, value=v) for i, (k, v) in enumerate(records)]
+
+    want = ItemReplica(w.cfg)
+    for r in (want, w.replica):
+        r.put("i0", np.ones(w.cfg.dim, dtype=np.float32))
+    for k, v in records:
+        if k and v and k[:1] != b"\x00" and serde.vector_of(v) is not None:
+            want.put(k.decode(), serde.vector_of(v))  # type: ignore[arg-type]
+    w._tail = _Tail()  # type: ignore[assignment]
+    w._tail_replica()
+    ids = ["i0", "i1", "i2", "i4"]
+    assert w.replica._rows == want._rows and w.replica.get("i3") is None
+    assert np.array_equal(w.replica.get_many(ids), want.get_many(ids))
+    assert np.array_equal(w.replica.get("i1"), vecs[2])  # type: ignore[arg-type]
