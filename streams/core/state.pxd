@@ -72,6 +72,9 @@ cpdef list _apply_item_entries(ItemState new, object iid, object entries, object
 @cython.locals(out=list, fw=object, ns=object)
 cpdef list forward_entries(object forwards, list vecs, list flat, Py_ssize_t row_base=*, Py_ssize_t score_base=*)
 
+@cython.locals(s=ItemState)
+cpdef ItemState _blank_item()
+
 @cython.locals(news=list, steps=list, ids=list, new=ItemState)
 cpdef list _apply_item_entries_batch(object batch, object cfg, object U, object S, bint in_place)
 

@@ -25,6 +25,7 @@ from streams.core.state import (
     ItemState,
     Outcome,
     UserState,
+    _blank_item,
     _damped_step,
     _float32s,
     _hash64s,
@@ -672,3 +673,16 @@ def test_replica_put_many_equals_put_one_by_one(puts: list[tuple[int, str]], pre
     keys = [*ids, *(f"p{n}" for n in range(preload))]
     assert all(np.array_equal(many.get(k), one.get(k)) for k in keys)  # type: ignore[arg-type]
     assert np.array_equal(many.get_many(keys), one.get_many(keys))
+
+
+def test_a_blank_item_is_a_default_item_state() -> None:
+    """``_blank_item`` (the item core's new state, without the dataclass ``__init__``) equals ``ItemState()``,
+    field by field and type by type, and shares no container with another blank."""
+    a, b, want = _blank_item(), _blank_item(), ItemState()
+    assert type(a) is ItemState and a == want and repr(a) == repr(want)
+    for f in dataclasses.fields(ItemState):
+        got, exp = getattr(a, f.name), getattr(want, f.name)
+        assert got == exp and type(got) is type(exp), f.name
+        if isinstance(got, list | dict):
+            assert got is not getattr(b, f.name), f.name
+    assert pickle.loads(pickle.dumps(a)) == want and serde.encode_item(a) == serde.encode_item(want)
