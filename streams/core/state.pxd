@@ -40,6 +40,13 @@ cdef class Outcome:
 @cython.locals(out=Outcome)
 cpdef Outcome _blank_outcome()
 
+# new states without the dataclass __init__ (see state.py)
+@cython.locals(s=UserState)
+cpdef UserState _blank_user()
+
+@cython.locals(s=ItemState)
+cpdef ItemState _blank_item()
+
 @cython.locals(digests=list)
 cpdef object _hash64s(list texts, object seed)
 
@@ -71,9 +78,6 @@ cpdef list _apply_item_entries(ItemState new, object iid, object entries, object
 
 @cython.locals(out=list, fw=object, ns=object)
 cpdef list forward_entries(object forwards, list vecs, list flat, Py_ssize_t row_base=*, Py_ssize_t score_base=*)
-
-@cython.locals(s=ItemState)
-cpdef ItemState _blank_item()
 
 @cython.locals(news=list, steps=list, ids=list, new=ItemState)
 cpdef list _apply_item_entries_batch(object batch, object cfg, object U, object S, bint in_place)

@@ -26,6 +26,7 @@ from streams.core.state import (
     Outcome,
     UserState,
     _blank_item,
+    _blank_user,
     _damped_step,
     _float32s,
     _hash64s,
@@ -675,14 +676,17 @@ def test_replica_put_many_equals_put_one_by_one(puts: list[tuple[int, str]], pre
     assert np.array_equal(many.get_many(keys), one.get_many(keys))
 
 
-def test_a_blank_item_is_a_default_item_state() -> None:
-    """``_blank_item`` (the item core's new state, without the dataclass ``__init__``) equals ``ItemState()``,
-    field by field and type by type, and shares no container with another blank."""
-    a, b, want = _blank_item(), _blank_item(), ItemState()
-    assert type(a) is ItemState and a == want and repr(a) == repr(want)
-    for f in dataclasses.fields(ItemState):
+@pytest.mark.parametrize("cls", [UserState, ItemState])
+def test_a_blank_state_is_a_default_state(cls: type[Any]) -> None:
+    """``_blank_user``/``_blank_item`` (the cores' new states, without the dataclass ``__init__``) equal
+    ``UserState()``/``ItemState()``, field by field and type by type, and share no container with another blank."""
+    blank = _blank_user if cls is UserState else _blank_item
+    encode = serde.encode_user if cls is UserState else serde.encode_item
+    a, b, want = blank(), blank(), cls()
+    assert type(a) is cls and a == want and repr(a) == repr(want)
+    for f in dataclasses.fields(cls):
         got, exp = getattr(a, f.name), getattr(want, f.name)
         assert got == exp and type(got) is type(exp), f.name
         if isinstance(got, list | dict):
             assert got is not getattr(b, f.name), f.name
-    assert pickle.loads(pickle.dumps(a)) == want and serde.encode_item(a) == serde.encode_item(want)
+    assert pickle.loads(pickle.dumps(a)) == want and encode(a) == encode(want)
