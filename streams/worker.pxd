@@ -15,10 +15,10 @@ cpdef object _highest(list xs)
 cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*,
             object on_delivery=*)
 
-cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
+cpdef _cache_put(dict cache, Py_ssize_t limit, str key, object state)
 
-cpdef _put_state(object key, object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
-                 object producer, object produce, object changelog, object partition)
+cpdef _put_state(object key, object raw_key, str key_id, object state, object value, dict puts, dict cache,
+                 Py_ssize_t limit, object producer, object produce, object changelog, object partition)
 
 @cython.locals(raw=list, keys=list, i=str, r=bytes, prefix=bytes)
 cpdef tuple _state_keys(list ids)
@@ -28,7 +28,7 @@ cpdef _put_states(list work, list news, list values, list ids, list raw_keys, li
                   object producer, object changelog)
 
 @cython.locals(out=list, missing=list, from_store=list)
-cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
+cpdef tuple _fetch_states(dict cache, object store, list ids, list keys, dict pending, object decode)
 
 @cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)

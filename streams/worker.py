@@ -238,7 +238,7 @@ def _send(
             producer.poll(0.01)
 
 
-def _cache_put(cache: dict[bytes, Any], limit: int, key: bytes, state: object) -> None:
+def _cache_put(cache: dict[str, Any], limit: int, key: str, state: object) -> None:
     """Put ``state`` in ``cache`` as the most recently used entry; evict the oldest tenth when over ``limit``."""
     if limit <= 0:
         return
@@ -271,10 +271,11 @@ def _share_cache(shards: list[_Shard], budget: int) -> None:
 def _put_state(
     key: bytes,
     raw_key: bytes,
+    key_id: str,
     state: object,
     value: bytes,
     puts: dict[bytes, bytes],
-    cache: dict[bytes, Any],
+    cache: dict[str, Any],
     limit: int,
     producer: Producer,
     produce: Callable[..., None],
@@ -284,11 +285,12 @@ def _put_state(
     """A new state's encoded ``value``: into the batch's ``puts`` and the changelog, and ``state`` into the cache.
 
     ``key`` is the store's key (``STATE_PREFIX + raw_key``), ``raw_key`` the changelog's: both built once
-    a batch, for the fetch (:func:`_state_keys`). ``produce`` is ``producer.produce``, bound once a batch (a
-    call through the method cost a method lookup a record, compiled); a full queue is handled as :func:`_send` does.
+    a batch, for the fetch (:func:`_state_keys`); the cache is keyed by the id, ``key_id``. ``produce`` is
+    ``producer.produce``, bound once a batch (a call through the method cost a method lookup a record,
+    compiled); a full queue is handled as :func:`_send` does.
     """
     puts[key] = value
-    _cache_put(cache, limit, key, state)
+    _cache_put(cache, limit, key_id, state)
     try:
         produce(changelog, value, raw_key, partition)  # (positional: see _send)
     except BufferError:
@@ -309,10 +311,18 @@ def _state_keys(ids: list[str]) -> tuple[list[bytes], list[bytes]]:
 
 
 def _fetch_states(
-    cache: dict[bytes, Any], store: Store, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+    cache: dict[str, Any],
+    store: Store,
+    ids: list[str],
+    keys: list[bytes],
+    pending: dict[bytes, bytes],
+    decode: Callable[[bytes], _S],
 ) -> tuple[list[_S | None], int]:
-    """Decoded states of ``keys`` (the cache, then the batch's unwritten values, then the store); the cache misses."""
-    out: list[_S | None] = [cache.get(k) for k in keys]
+    """Decoded states of ``ids`` (the cache, by id; then the batch's unwritten values and the store, by their store
+    ``keys``); the cache misses."""
+    if len(ids) != len(keys):
+        raise ValueError("one key per id")
+    out: list[_S | None] = [cache.get(key_id) for key_id in ids]
     missing = [i for i, s in enumerate(out) if s is None]
     if not missing:
         return out, 0
@@ -577,8 +587,9 @@ def _put_states(
         while ids[at] is not key_id:
             at += 1
         _put_state(
-            keys[at], raw_keys[at], news[n], values[n], puts, cache, limit, producer, produce, changelog, partition
-        )
+            keys[at], raw_keys[at], key_id, news[n], values[n], puts, cache, limit, producer, produce, changelog,
+            partition,
+        )  # fmt: skip
 
 
 def _send_forward_packs(
@@ -664,10 +675,12 @@ def _store_items(
 class _Shard:
     """One stage's store for one partition, plus its cached meta and decoded states.
 
-    ``cache`` holds decoded states, write-through: a state enters it only together with the
+    ``cache`` holds decoded states by id, write-through: a state enters it only together with the
     write that stores it, and the cache lives and dies with the shard (dropped on revoke; a
     crash loses the process). States are mutated in place by the core before the commit, so
-    ``step`` empties every shard's cache when a batch fails.
+    ``step`` empties every shard's cache when a batch fails. Keyed by the id, not the store key:
+    a dict of str keys is looked up by the str's cached hash through CPython's str-only path,
+    where the store keys (bytes, new each batch) were hashed and compared through the generic one.
     """
 
     def __init__(self, store: Store, stage: str, partition: int, cache_entries: int = 0) -> None:
@@ -677,7 +690,7 @@ class _Shard:
         self.src_hwm: dict[int, int] = {}
         for key, value in store.scan(META_PREFIX + b"src:"):
             self.src_hwm[int(key[5:])] = int(value)
-        self.cache: dict[bytes, Any] = {}
+        self.cache: dict[str, Any] = {}
         self.cache_entries = cache_entries
 
     def next_offset(self, topic: str) -> int | None:
@@ -1110,10 +1123,15 @@ class StreamWorker:
                 self._producer.poll(0.01)
 
     def _fetch(
-        self, shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+        self,
+        shard: _Shard,
+        ids: list[str],
+        keys: list[bytes],
+        pending: dict[bytes, bytes],
+        decode: Callable[[bytes], _S],
     ) -> list[_S | None]:
-        """Decoded states of ``keys``: the shard's cache, then this batch's not-yet-written values, then the store."""
-        out, misses = _fetch_states(shard.cache, shard.store, keys, pending, decode)
+        """Decoded states of ``ids`` (store ``keys``): the shard's cache, this batch's unwritten values, the store."""
+        out, misses = _fetch_states(shard.cache, shard.store, ids, keys, pending, decode)
         self.stats.state_cache_hits += len(keys) - misses
         self.stats.state_cache_misses += misses
         return out
@@ -1134,7 +1152,7 @@ class StreamWorker:
         stats.events += len(batch)
         users = list(per_user)
         raw_keys, keys = _state_keys(users)
-        states = self._fetch(shard, keys, pending, serde.decode_user)
+        states = self._fetch(shard, users, keys, pending, serde.decode_user)
         work, offsets, redelivered = _past_guards(users, states, per_user, topic)
         stats.redelivered += redelivered
         results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
@@ -1184,7 +1202,7 @@ class StreamWorker:
         stats.resent_forwards += resent
         items = list(per_item)
         raw_keys, keys = _state_keys(items)
-        states = self._fetch(shard, keys, pending, serde.decode_item)
+        states = self._fetch(shard, items, keys, pending, serde.decode_item)
         work, offsets, redelivered = _past_guards(items, states, per_item, topic)
         stats.redelivered += redelivered
         puts: dict[bytes, bytes] = {}

@@ -72,22 +72,22 @@ def test_send_passes_only_the_arguments_it_needs() -> None:
 
 
 def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
-    cache: dict[bytes, Any] = {}
+    cache: dict[str, Any] = {}
     for i in range(20):
-        worker._cache_put(cache, 20, str(i).encode(), i)
-    worker._cache_put(cache, 20, b"0", "again")  # now the most recent
-    worker._cache_put(cache, 20, b"new", "x")  # 21 > 20: drop 1 + 2 oldest
-    assert list(cache)[-2:] == [b"0", b"new"] and cache[b"0"] == "again"
-    assert len(cache) == 18 and b"1" not in cache and b"3" not in cache and b"4" in cache
-    worker._cache_put(cache, 0, b"off", 1)
-    assert b"off" not in cache
+        worker._cache_put(cache, 20, str(i), i)
+    worker._cache_put(cache, 20, "0", "again")  # now the most recent
+    worker._cache_put(cache, 20, "new", "x")  # 21 > 20: drop 1 + 2 oldest
+    assert list(cache)[-2:] == ["0", "new"] and cache["0"] == "again"
+    assert len(cache) == 18 and "1" not in cache and "3" not in cache and "4" in cache
+    worker._cache_put(cache, 0, "off", 1)
+    assert "off" not in cache
 
 
 class _Held:
     """A shard as ``_share_cache`` sees it: a cache and a limit."""
 
     def __init__(self, held: int) -> None:
-        self.cache = {str(i).encode(): i for i in range(held)}
+        self.cache = {str(i): i for i in range(held)}
         self.cache_entries = -1
 
 
@@ -118,11 +118,16 @@ class _Store:
 
 
 def test_fetch_states_reads_the_cache_then_the_pending_values_then_the_store() -> None:
-    store = _Store({b"a": b"A", b"b": b"B-old"})
+    """The cache by id; the batch's pending values and the store by store key."""
+    store = _Store({b"ka": b"A", b"kb": b"B-old", b"kc": b"C-old"})
     fetch: Any = worker._fetch_states  # (a fake store, str "states")
-    out, misses = fetch({b"c": "cached"}, store, [b"a", b"b", b"c", b"d"], {b"b": b"B"}, bytes.decode)
+    ids = ["a", "b", "c", "d"]
+    out, misses = fetch({"c": "cached", "kb": "not by key"}, store, ids, [b"ka", b"kb", b"kc", b"kd"], {b"kb": b"B"},
+                        bytes.decode)  # fmt: skip
     assert out == ["A", "B", "cached", None] and misses == 3
-    assert store.asked == [b"a", b"d"]  # never the store for a key with a pending value
+    assert store.asked == [b"ka", b"kd"]  # never the store for a key with a pending value
+    with pytest.raises(ValueError):
+        fetch({}, store, ids, [b"ka"], {}, bytes.decode)
 
 
 def test_group_user_events_groups_by_user_and_sets_aside_bad_records_and_upserts() -> None:
@@ -329,7 +334,7 @@ def test_state_keys_are_the_ids_utf8_with_and_without_the_store_prefix() -> None
 
 class _Shard:
     def __init__(self, cache_entries: int) -> None:
-        self.cache: dict[bytes, Any] = {}
+        self.cache: dict[str, Any] = {}
         self.cache_entries = cache_entries
         self.partition = 2
 
@@ -349,7 +354,7 @@ def test_put_states_finds_each_work_items_keys_among_the_batchs_ids(cache_entrie
     assert puts == {b"ka": b"va", b"kc": b"vc", b"ke": b"ve"}
     assert p.records == [("chg", b"va", b"a", 2), ("chg", b"vc", b"c", 2), ("chg", b"ve", b"e", 2)]
     assert p.polls == 1  # the full queue: polled once, then the record taken (as _send does)
-    assert shard.cache == ({b"ka": "A", b"kc": "C", b"ke": "E"} if cache_entries else {})
+    assert shard.cache == ({"a": "A", "c": "C", "e": "E"} if cache_entries else {})
     with pytest.raises(ValueError):
         worker._put_states(work, news, values[:2], ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
 
