@@ -17,10 +17,10 @@ cpdef object _highest(list xs)
 cpdef _send(object producer, object topic, object value, object key, object partition, object ts_ms=*,
             object on_delivery=*)
 
-cpdef _cache_put(dict cache, Py_ssize_t limit, object key, object state)
+cpdef _cache_put(dict cache, Py_ssize_t limit, str key, object state)
 
-cpdef _put_state(object key, object raw_key, object state, object value, dict puts, dict cache, Py_ssize_t limit,
-                 object producer, object changelog, object partition)
+cpdef _put_state(object key, object raw_key, str key_id, object state, object value, dict puts, dict cache,
+                 Py_ssize_t limit, object producer, object produce, object changelog, object partition)
 
 @cython.locals(raw=list, keys=list, i=str, r=bytes, prefix=bytes)
 cpdef tuple _state_keys(list ids)
@@ -30,7 +30,7 @@ cpdef _put_states(list work, list news, list values, list ids, list raw_keys, li
                   object producer, object changelog)
 
 @cython.locals(out=list, missing=list, from_store=list)
-cpdef tuple _fetch_states(dict cache, object store, list keys, dict pending, object decode)
+cpdef tuple _fetch_states(dict cache, object store, list ids, list keys, dict pending, object decode)
 
 @cython.locals(groups=dict, mine=list, found=list)
 cpdef dict _by_partition(object msgs)
@@ -39,17 +39,17 @@ cpdef dict _by_partition(object msgs)
 cpdef dict _group_user_events(list batch, list forwards, dict rec_ts, list rejected, list stamps)
 
 @cython.locals(i=Py_ssize_t, k=Py_ssize_t, dropped=Py_ssize_t, work=list, offsets=list, offs=list, xs=list, fresh=list,
-               applied=dict)
+               applied=dict, user=UserState, item=ItemState)
 cpdef tuple _past_guards(list keys, list states, dict inputs, object topic)
 
 @cython.locals(per_item=dict, mine=tuple, read=Py_ssize_t, resent=Py_ssize_t, start=Py_ssize_t, n=Py_ssize_t,
                i=Py_ssize_t, dim=Py_ssize_t, rows=Py_ssize_t, n_scores=Py_ssize_t, pack_dim=Py_ssize_t,
-               vec_blocks=list, score_blocks=list, seqs=list, items=list, item_of=list, entries=list, stamps=list,
+               vec_blocks=list, score_blocks=list, items=list, item_of=list, entries=list, stamps=list,
                inputs=list, j=Py_ssize_t)
 cpdef tuple _group_forward_packs(list batch, dict hwm, set touched_src, list fresh_ts)
 
 @cython.locals(n=Py_ssize_t, j=Py_ssize_t, duplicates=Py_ssize_t, offs=list, news=list, applied=dict, new=UserState,
-               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t)
+               out=Outcome, seqs=list, fws=list, fw_src=list, src=Py_ssize_t, last_src=Py_ssize_t)
 cpdef Py_ssize_t _store_users(list work, list offsets, object results, object topic, dict rec_ts, list forwards,
                               list late, dict puts, object shard, object producer, object changelog, list ids,
                               list raw_keys, list keys) except -1
@@ -58,6 +58,6 @@ cpdef Py_ssize_t _store_users(list work, list offsets, object results, object to
 cpdef _send_forward_packs(object producer, object topic, object src, list forwards, dict part_memo,
                           object partitions, object on_delivery=*)
 
-@cython.locals(n=Py_ssize_t, applied=dict, new=ItemState)
+@cython.locals(n=Py_ssize_t, applied=dict, new=ItemState, with_vector=list, vectors=list)
 cpdef _store_items(list work, list offsets, object results, object topic, dict puts, object shard,
                    object producer, object changelog, object replica, list ids, list raw_keys, list keys)

@@ -239,7 +239,7 @@ def _send(
             producer.poll(0.01)
 
 
-def _cache_put(cache: dict[bytes, Any], limit: int, key: bytes, state: object) -> None:
+def _cache_put(cache: dict[str, Any], limit: int, key: str, state: object) -> None:
     """Put ``state`` in ``cache`` as the most recently used entry; evict the oldest tenth when over ``limit``."""
     if limit <= 0:
         return
@@ -272,23 +272,31 @@ def _share_cache(shards: list[_Shard], budget: int) -> None:
 def _put_state(
     key: bytes,
     raw_key: bytes,
+    key_id: str,
     state: object,
     value: bytes,
     puts: dict[bytes, bytes],
-    cache: dict[bytes, Any],
+    cache: dict[str, Any],
     limit: int,
     producer: Producer,
+    produce: Callable[..., None],
     changelog: str,
     partition: int,
 ) -> None:
     """A new state's encoded ``value``: into the batch's ``puts`` and the changelog, and ``state`` into the cache.
 
     ``key`` is the store's key (``STATE_PREFIX + raw_key``), ``raw_key`` the changelog's: both built once
-    a batch, for the fetch (:func:`_state_keys`).
+    a batch, for the fetch (:func:`_state_keys`); the cache is keyed by the id, ``key_id``. ``produce`` is
+    ``producer.produce``, bound once a batch (a call through the method cost a method lookup a record,
+    compiled); a full queue is handled as :func:`_send` does.
     """
     puts[key] = value
-    _cache_put(cache, limit, key, state)
-    _send(producer, changelog, value, raw_key, partition)
+    _cache_put(cache, limit, key_id, state)
+    try:
+        produce(changelog, value, raw_key, partition)  # (positional: see _send)
+    except BufferError:
+        producer.poll(0.01)
+        _send(producer, changelog, value, raw_key, partition)
 
 
 def _state_keys(ids: list[str]) -> tuple[list[bytes], list[bytes]]:
@@ -304,10 +312,18 @@ def _state_keys(ids: list[str]) -> tuple[list[bytes], list[bytes]]:
 
 
 def _fetch_states(
-    cache: dict[bytes, Any], store: Store, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+    cache: dict[str, Any],
+    store: Store,
+    ids: list[str],
+    keys: list[bytes],
+    pending: dict[bytes, bytes],
+    decode: Callable[[bytes], _S],
 ) -> tuple[list[_S | None], int]:
-    """Decoded states of ``keys`` (the cache, then the batch's unwritten values, then the store); the cache misses."""
-    out: list[_S | None] = [cache.get(k) for k in keys]
+    """Decoded states of ``ids`` (the cache, by id; then the batch's unwritten values and the store, by their store
+    ``keys``); the cache misses."""
+    if len(ids) != len(keys):
+        raise ValueError("one key per id")
+    out: list[_S | None] = [cache.get(key_id) for key_id in ids]
     missing = [i for i, s in enumerate(out) if s is None]
     if not missing:
         return out, 0
@@ -410,8 +426,17 @@ def _past_guards(
         offs, xs = inputs[key]
         guard = -1
         if state is not None:
-            applied = state.offsets  # (typed: an inlined dict lookup, not a method call)
-            guard = applied.get(topic, -1)
+            # the state's offsets read as a C struct member (compiled) when its type is known: a generic
+            # attribute lookup cost ~130 instructions a key
+            if type(state) is UserState:
+                user: UserState = state
+                applied = user.offsets
+            elif type(state) is ItemState:
+                item: ItemState = state
+                applied = item.offsets
+            else:
+                applied = state.offsets
+            guard = applied.get(topic, -1)  # (typed: an inlined dict lookup, not a method call)
         if guard >= _lowest(offs):  # a redelivery: keep what is past the guard
             fresh = [k for k in range(len(offs)) if offs[k] > guard]
             dropped += len(offs) - len(fresh)
@@ -525,9 +550,13 @@ def _store_users(
         fw_src = out.forward_src
         if not len(seqs) == len(fws) == len(fw_src):
             raise ValueError("one sequence number and source per forward")
+        last_src = -1
         for j in range(len(fws)):
             src = fw_src[j]  # (a C index, compiled: ``offs[src]`` is a direct list read)
-            forwards.append((seqs[j], fws[j], rec_ts[offs[src]]))
+            if src != last_src:  # a record's forwards (a slate's) are consecutive: its timestamp looked up once
+                ts_ms = rec_ts[offs[src]]
+                last_src = src
+            forwards.append((seqs[j], fws[j], ts_ms))
     values = serde.encode_users(news)  # (with their offsets: encoded after the loop above)
     _put_states(work, news, values, ids, raw_keys, keys, puts, shard, producer, changelog)
     return duplicates
@@ -551,6 +580,7 @@ def _put_states(
     cache = shard.cache
     limit = shard.cache_entries
     partition = shard.partition
+    produce = producer.produce
     at = 0
     for n in range(len(work)):
         key_id = work[n][0]
@@ -558,7 +588,10 @@ def _put_states(
         # same string objects, so an identity test finds each one's keys
         while ids[at] is not key_id:
             at += 1
-        _put_state(keys[at], raw_keys[at], news[n], values[n], puts, cache, limit, producer, changelog, partition)
+        _put_state(
+            keys[at], raw_keys[at], key_id, news[n], values[n], puts, cache, limit, producer, produce, changelog,
+            partition,
+        )  # fmt: skip
 
 
 def _send_forward_packs(
@@ -630,19 +663,26 @@ def _store_items(
         applied[topic] = offsets[n][-1]
     values = serde.encode_items(results)  # (with their offsets: encoded after the loop above)
     _put_states(work, results, values, ids, raw_keys, keys, puts, shard, producer, changelog)
+    with_vector: list[str] = []
+    vectors: list[Any] = []
     for n in range(len(work)):
         new = results[n]
         if new.vector is not None:
-            replica.put(work[n][0], new.vector)
+            with_vector.append(work[n][0])
+            vectors.append(new.vector)
+    if vectors:
+        replica.put_many(with_vector, vectors)  # (one row scatter: a row assignment an item cost ~3.4k)
 
 
 class _Shard:
     """One stage's store for one partition, plus its cached meta and decoded states.
 
-    ``cache`` holds decoded states, write-through: a state enters it only together with the
+    ``cache`` holds decoded states by id, write-through: a state enters it only together with the
     write that stores it, and the cache lives and dies with the shard (dropped on revoke; a
     crash loses the process). States are mutated in place by the core before the commit, so
-    ``step`` empties every shard's cache when a batch fails.
+    ``step`` empties every shard's cache when a batch fails. Keyed by the id, not the store key:
+    a dict of str keys is looked up by the str's cached hash through CPython's str-only path,
+    where the store keys (bytes, new each batch) were hashed and compared through the generic one.
     """
 
     def __init__(self, store: Store, stage: str, partition: int, cache_entries: int = 0) -> None:
@@ -652,7 +692,7 @@ class _Shard:
         self.src_hwm: dict[int, int] = {}
         for key, value in store.scan(META_PREFIX + b"src:"):
             self.src_hwm[int(key[5:])] = int(value)
-        self.cache: dict[bytes, Any] = {}
+        self.cache: dict[str, Any] = {}
         self.cache_entries = cache_entries
 
     def next_offset(self, topic: str) -> int | None:
@@ -898,6 +938,10 @@ class StreamWorker:
     def _tail_replica(self) -> None:
         assert self._tail is not None
         msgs = self._tail.consume(50000, 0)
+        # each item's newest vector, the items in order of first appearance: one put_many (a row scatter)
+        # leaves the replica as a put per record would (a new item's row is its first put's), for ~3k
+        # instructions a record less
+        latest: dict[str, Any] = {}
         for m in msgs:
             if m.error():
                 continue
@@ -907,7 +951,9 @@ class StreamWorker:
                 continue
             vec = serde.vector_of(value)
             if vec is not None:
-                self.replica.put(key.decode(), vec)
+                latest[key.decode()] = vec
+        if latest:
+            self.replica.put_many(list(latest), list(latest.values()))
 
     def step(self) -> int:
         """Run one batch; returns the number of records consumed."""
@@ -1079,10 +1125,15 @@ class StreamWorker:
                 self._producer.poll(0.01)
 
     def _fetch(
-        self, shard: _Shard, keys: list[bytes], pending: dict[bytes, bytes], decode: Callable[[bytes], _S]
+        self,
+        shard: _Shard,
+        ids: list[str],
+        keys: list[bytes],
+        pending: dict[bytes, bytes],
+        decode: Callable[[bytes], _S],
     ) -> list[_S | None]:
-        """Decoded states of ``keys``: the shard's cache, then this batch's not-yet-written values, then the store."""
-        out, misses = _fetch_states(shard.cache, shard.store, keys, pending, decode)
+        """Decoded states of ``ids`` (store ``keys``): the shard's cache, this batch's unwritten values, the store."""
+        out, misses = _fetch_states(shard.cache, shard.store, ids, keys, pending, decode)
         self.stats.state_cache_hits += len(keys) - misses
         self.stats.state_cache_misses += misses
         return out
@@ -1103,7 +1154,7 @@ class StreamWorker:
         stats.events += len(batch)
         users = list(per_user)
         raw_keys, keys = _state_keys(users)
-        states = self._fetch(shard, keys, pending, serde.decode_user)
+        states = self._fetch(shard, users, keys, pending, serde.decode_user)
         work, offsets, redelivered = _past_guards(users, states, per_user, topic)
         stats.redelivered += redelivered
         results = apply_user_batch(work, self.cfg, self.replica, in_place=True)  # states decoded fresh
@@ -1153,7 +1204,7 @@ class StreamWorker:
         stats.resent_forwards += resent
         items = list(per_item)
         raw_keys, keys = _state_keys(items)
-        states = self._fetch(shard, keys, pending, serde.decode_item)
+        states = self._fetch(shard, items, keys, pending, serde.decode_item)
         work, offsets, redelivered = _past_guards(items, states, per_item, topic)
         stats.redelivered += redelivered
         puts: dict[bytes, bytes] = {}

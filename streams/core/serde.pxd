@@ -70,7 +70,8 @@ cpdef list encode_items(list states)
 cpdef list _buckets_out(object buckets)
 
 # the integers as C integers where they lie (PACK4) or in an array (the body's list: PACK3, PACK2)
-@cython.locals(ints="const long long[::1]", strs=list, extras=list, seqs=list, item_of=list, numbers=dict,
+@cython.locals(ints="const long long[::1]", sv="long long[::1]", ne=Py_ssize_t, strs=list, extras=list, item_of=list,
+               numbers=dict,
                entries=list, stamps=list, head=tuple, vec_at=Py_ssize_t,
                items=list, types=dict, wire=tuple, v3=bint, row=Py_ssize_t, si=Py_ssize_t, ii=Py_ssize_t, xi=Py_ssize_t,
                si_f=Py_ssize_t, k=Py_ssize_t, j=Py_ssize_t, n_ints=Py_ssize_t, n_strs=Py_ssize_t,

@@ -706,9 +706,12 @@ def _check_used(
 
 def decode_forward_entries(
     data: bytes, row_base: int = 0, score_base: int = 0
-) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
+) -> tuple[int, memoryview, list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
     """Decode a forward pack for the item stage -> (source partition id, seqs, items, item numbers,
     entries, source record ts ms, dim, user vector block, score block), in pack order.
+
+    ``seqs`` are int64s in a memoryview (``bisect`` and indexing read them, ``tolist()`` makes a list): the
+    item stage only bisects them and reads the last, and a Python int an entry cost ~170 instructions.
 
     ``items`` are the pack's distinct item ids in order of first appearance, and entry ``i``'s item is
     ``items[item_numbers[i]]``: the item stage looks each item up once a pack, not once an entry.
@@ -730,7 +733,6 @@ def decode_forward_entries(
     v3, head, vec_at, at, end, src, ints, strs, extras = _pack_parts(data)
     dim = head[1]
     n_strs = len(strs)
-    seqs: list[int] = []
     items: list[str] = []  # the pack's items, in order of first appearance
     item_of: list[int] = []  # each entry's item: its number in items
     numbers: dict[str, int] = {}  # PACK2: item id -> its number
@@ -749,6 +751,11 @@ def decode_forward_entries(
     us: Any = 0
     ms: Any = 0
     n_ints = len(ints)
+    # the seqs as int64s, stored where they lie (a C store each, compiled: no Python int an entry, which the
+    # item stage would only bisect); every entry has at least its code, so n_ints entries at most
+    seq_view = memoryview(bytearray(8 * n_ints)).cast("q")
+    sv = seq_view
+    ne = 0
     try:
         while ii < n_ints:
             code = ints[ii]
@@ -814,18 +821,19 @@ def decode_forward_entries(
                 entry = (etype, us, -1, 0, 0, (event_id, True, None, None))
             entries.append(entry)
             si_f += k
-            seqs.append(base + (code & mask))
+            sv[ne] = base + (code & mask)
+            ne += 1
             stamps.append(ms)
     except (IndexError, KeyError) as exc:
         raise StoreError(f"forward pack ends inside an entry or refers past its items ({exc!r})") from None
     _check_used(v3, head, len(entries), row, si_f, si, n_strs, xi, len(extras))
     view = memoryview(data)
-    return src, seqs, items, item_of, entries, stamps, dim, view[vec_at:at], view[at:end]
+    return src, seq_view[:ne], items, item_of, entries, stamps, dim, view[vec_at:at], view[at:end]
 
 
 def _pack1_entries(
     data: bytes, row_base: int, score_base: int
-) -> tuple[int, list[int], list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
+) -> tuple[int, memoryview, list[str], list[int], list[ItemEntry], list[int], int, Any, Any]:
     """:func:`decode_forward_entries` of a ``PACK`` record: its forwards, made entries."""
     src, seqs, forwards, stamps = _decode_pack1(data)
     vecs: list[Vec] = []
@@ -835,7 +843,7 @@ def _pack1_entries(
     block = b"".join(vecs)  # type: ignore[arg-type]  # rows of one float32 matrix: buffers
     numbers: dict[str, int] = {}
     item_of = [numbers.setdefault(f.item_id, len(numbers)) for f in forwards]
-    return src, seqs, list(numbers), item_of, entries, stamps, dim, block, _pack_f8(len(flat), flat)
+    return src, _int64s_of(seqs), list(numbers), item_of, entries, stamps, dim, block, _pack_f8(len(flat), flat)
 
 
 def entry_arrays(dim: int, vec_blocks: list[Any], score_blocks: list[Any]) -> tuple[Any, Any]:

@@ -40,6 +40,13 @@ cdef class Outcome:
 @cython.locals(out=Outcome)
 cpdef Outcome _blank_outcome()
 
+# new states without the dataclass __init__ (see state.py)
+@cython.locals(s=UserState)
+cpdef UserState _blank_user()
+
+@cython.locals(s=ItemState)
+cpdef ItemState _blank_item()
+
 @cython.locals(digests=list)
 cpdef object _hash64s(list texts, object seed)
 

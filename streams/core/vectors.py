@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from streams.core.state import CoreConfig, Vec, init_matrix
+from streams.core.state import CoreConfig, Vec, _intps, _joined, init_matrix
 
 __all__ = ["ItemReplica"]
 
@@ -51,6 +51,34 @@ class ItemReplica:
                 self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
             self._rows[item_id] = row
         self._mat[row] = vector
+
+    def put_many(self, item_ids: Sequence[str], vectors: list[Vec]) -> None:
+        """:meth:`put` of each item's vector, in order, with one row scatter for them all.
+
+        The item stage puts a batch's item vectors at once: a ``put`` each (a numpy row assignment) cost
+        ~3.4k instructions an item. Vectors that are not all contiguous float32 arrays of ``dim``, or an id
+        given twice (numpy does not say which of two writes to one row wins), take ``put`` one by one.
+        """
+        if len(item_ids) != len(vectors):
+            raise ValueError("one vector per item id")
+        try:
+            M = _joined(vectors, self.cfg.dim)
+        except (TypeError, ValueError, BufferError):  # a list, or a strided view (no contiguous buffer)
+            M = None
+        if M is None or len(set(item_ids)) != len(item_ids):
+            for i in range(len(vectors)):
+                self.put(item_ids[i], vectors[i])
+            return
+        rows = self._rows
+        at: list[int] = []
+        for item_id in item_ids:
+            row = rows.get(item_id)
+            if row is None:
+                row = rows[item_id] = len(rows)
+            at.append(row)
+        while len(rows) > len(self._mat):
+            self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+        self._mat[_intps(at)] = M
 
     def get(self, item_id: str) -> Vec | None:
         """The vector of ``item_id`` or None."""

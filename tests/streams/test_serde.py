@@ -521,7 +521,7 @@ def test_forward_pack_entries_stand_for_its_forwards(
     data = encode(src, forwards)
     got = serde.decode_forward_entries(data, row_base, score_base)
     got_src, seqs, items, item_of, entries, stamps, dim, vec_block, score_block = got
-    assert (got_src, seqs, stamps) == (src, [s for s, _, _ in forwards], [t for _, _, t in forwards])
+    assert (got_src, seqs.tolist(), stamps) == (src, [s for s, _, _ in forwards], [t for _, _, t in forwards])
     assert [items[j] for j in item_of] == [fw.item_id for _, fw, _ in forwards]
     assert items == list(dict.fromkeys(fw.item_id for _, fw, _ in forwards))  # each once, in order
     # the blocks as they sit in a batch's arrays: after row_base rows and score_base scores of other packs

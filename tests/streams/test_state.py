@@ -8,6 +8,7 @@ import hashlib
 import math
 import pickle
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from streams.core.state import (
     ItemState,
     Outcome,
     UserState,
+    _blank_item,
+    _blank_user,
     _damped_step,
     _float32s,
     _hash64s,
@@ -675,3 +678,48 @@ def test_each_user_of_a_batch_steps_as_if_alone(types: list[list[EventType]], ma
             if f.user_vector is not None:
                 assert f.user_vector.tobytes() == g.user_vector.tobytes()  # type: ignore[union-attr]
             assert len(f.neg_scores) == (0 if f.user_vector is None else 3 if known else 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["f4", "f4", "f8", "list", "strided"])), max_size=30),
+    st.integers(0, 1100),
+)
+def test_replica_put_many_equals_put_one_by_one(puts: list[tuple[int, str]], preload: int) -> None:
+    """``ItemReplica.put_many`` (the item stage's batch put) leaves the replica as ``put`` of each in order:
+    new and known ids, the matrix grown past 1024 rows, an id given twice (the last wins), vectors not float32."""
+    rng = np.random.default_rng(len(puts) + preload)
+    ids = [f"i{n}" for n, _ in puts]
+    vectors: list[Any] = []
+    for _, kind in puts:
+        v = rng.standard_normal(CFG.dim).astype(np.float32)
+        if kind == "strided":
+            v = np.repeat(v, 2)[::2]  # (the same values, a view without a contiguous buffer)
+        vectors.append(v.astype(np.float64) if kind == "f8" else v.tolist() if kind == "list" else v)
+    one, many = ItemReplica(CFG), ItemReplica(CFG)
+    for r in (one, many):
+        for n in range(preload):
+            r.put(f"p{n}", np.full(CFG.dim, n, dtype=np.float32))
+    for item_id, v in zip(ids, vectors, strict=True):
+        one.put(item_id, v)
+    many.put_many(ids, vectors)
+    assert len(many) == len(one)
+    keys = [*ids, *(f"p{n}" for n in range(preload))]
+    assert all(np.array_equal(many.get(k), one.get(k)) for k in keys)  # type: ignore[arg-type]
+    assert np.array_equal(many.get_many(keys), one.get_many(keys))
+
+
+@pytest.mark.parametrize("cls", [UserState, ItemState])
+def test_a_blank_state_is_a_default_state(cls: type[Any]) -> None:
+    """``_blank_user``/``_blank_item`` (the cores' new states, without the dataclass ``__init__``) equal
+    ``UserState()``/``ItemState()``, field by field and type by type, and share no container with another blank."""
+    blank = _blank_user if cls is UserState else _blank_item
+    encode = serde.encode_user if cls is UserState else serde.encode_item
+    a, b, want = blank(), blank(), cls()
+    assert type(a) is cls and a == want and repr(a) == repr(want)
+    for f in dataclasses.fields(cls):
+        got, exp = getattr(a, f.name), getattr(want, f.name)
+        assert got == exp and type(got) is type(exp), f.name
+        if isinstance(got, list | dict):
+            assert got is not getattr(b, f.name), f.name
+    assert pickle.loads(pickle.dumps(a)) == want and encode(a) == encode(want)

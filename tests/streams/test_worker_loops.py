@@ -19,6 +19,7 @@ from streams.core.state import (
     CoreConfig,
     Forward,
     ItemState,
+    Outcome,
     UserState,
     apply_item_batch,
     apply_item_entries,
@@ -71,22 +72,22 @@ def test_send_passes_only_the_arguments_it_needs() -> None:
 
 
 def test_cache_put_keeps_recent_entries_and_evicts_the_oldest_tenth() -> None:
-    cache: dict[bytes, Any] = {}
+    cache: dict[str, Any] = {}
     for i in range(20):
-        worker._cache_put(cache, 20, str(i).encode(), i)
-    worker._cache_put(cache, 20, b"0", "again")  # now the most recent
-    worker._cache_put(cache, 20, b"new", "x")  # 21 > 20: drop 1 + 2 oldest
-    assert list(cache)[-2:] == [b"0", b"new"] and cache[b"0"] == "again"
-    assert len(cache) == 18 and b"1" not in cache and b"3" not in cache and b"4" in cache
-    worker._cache_put(cache, 0, b"off", 1)
-    assert b"off" not in cache
+        worker._cache_put(cache, 20, str(i), i)
+    worker._cache_put(cache, 20, "0", "again")  # now the most recent
+    worker._cache_put(cache, 20, "new", "x")  # 21 > 20: drop 1 + 2 oldest
+    assert list(cache)[-2:] == ["0", "new"] and cache["0"] == "again"
+    assert len(cache) == 18 and "1" not in cache and "3" not in cache and "4" in cache
+    worker._cache_put(cache, 0, "off", 1)
+    assert "off" not in cache
 
 
 class _Held:
     """A shard as ``_share_cache`` sees it: a cache and a limit."""
 
     def __init__(self, held: int) -> None:
-        self.cache = {str(i).encode(): i for i in range(held)}
+        self.cache = {str(i): i for i in range(held)}
         self.cache_entries = -1
 
 
@@ -117,11 +118,16 @@ class _Store:
 
 
 def test_fetch_states_reads_the_cache_then_the_pending_values_then_the_store() -> None:
-    store = _Store({b"a": b"A", b"b": b"B-old"})
+    """The cache by id; the batch's pending values and the store by store key."""
+    store = _Store({b"ka": b"A", b"kb": b"B-old", b"kc": b"C-old"})
     fetch: Any = worker._fetch_states  # (a fake store, str "states")
-    out, misses = fetch({b"c": "cached"}, store, [b"a", b"b", b"c", b"d"], {b"b": b"B"}, bytes.decode)
+    ids = ["a", "b", "c", "d"]
+    out, misses = fetch({"c": "cached", "kb": "not by key"}, store, ids, [b"ka", b"kb", b"kc", b"kd"], {b"kb": b"B"},
+                        bytes.decode)  # fmt: skip
     assert out == ["A", "B", "cached", None] and misses == 3
-    assert store.asked == [b"a", b"d"]  # never the store for a key with a pending value
+    assert store.asked == [b"ka", b"kd"]  # never the store for a key with a pending value
+    with pytest.raises(ValueError):
+        fetch({}, store, ids, [b"ka"], {}, bytes.decode)
 
 
 def test_group_user_events_groups_by_user_and_sets_aside_bad_records_and_upserts() -> None:
@@ -152,6 +158,44 @@ def test_past_guards_drops_what_the_states_already_include() -> None:
     assert offsets == [[12], [7, 8], [3]] and dropped == 3
     with pytest.raises(ValueError):
         worker._past_guards(["a"], [], inputs, "events")  # type: ignore[type-var]
+
+
+def test_past_guards_reads_the_offsets_of_either_state_type_and_of_any_object_with_them() -> None:
+    """User and item states (typed reads, compiled) and another object with ``offsets`` guard alike."""
+
+    class _Other:
+        offsets = {"by-item": 4}
+
+    inputs = {"a": ([4, 5], ["x0", "x1"]), "b": ([3, 4], ["x2", "x3"]), "c": ([4], ["x4"])}
+    states: list[Any] = [ItemState(offsets={"by-item": 4}), UserState(offsets={"by-item": 3}), _Other()]
+    work, offsets, dropped = worker._past_guards(["a", "b", "c"], states, inputs, "by-item")  # type: ignore[type-var]
+    assert [(k, xs) for k, _, xs in work] == [("a", ["x1"]), ("b", ["x3"])] and offsets == [[5], [4]]
+    assert dropped == 3
+
+
+def test_store_users_gives_each_forward_its_seq_and_its_records_timestamp() -> None:
+    """A slate's forwards (consecutive, one source record) share the record's timestamp; the next record's differ."""
+    out = Outcome()
+    out.forwards = [_fw(f"i{n}", n) for n in range(6)]
+    out.forward_src = [0, 0, 0, 1, 2, 2]
+    work: list[Any] = [("u1", None, ["e0", "e1", "e2"])]
+    raw, keys = worker._state_keys(["u1"])
+    forwards: list[Any] = []
+    late: list[int] = []
+    puts: dict[bytes, bytes] = {}
+    p = _Producer()
+    shard: Any = _Shard(10)
+    rec_ts = {10: 1000, 11: 1100, 12: 1200}
+    dups = worker._store_users(
+        work, [[10, 11, 12]], [(UserState(), out)], "events", rec_ts, forwards, late, puts, shard, p, "chg", ["u1"],
+        raw, keys,
+    )  # fmt: skip
+    s = FORWARD_SLOTS
+    assert [(seq, ts) for seq, _, ts in forwards] == [
+        (10 * s, 1000), (10 * s + 1, 1000), (10 * s + 2, 1000), (11 * s, 1100), (12 * s, 1200), (12 * s + 1, 1200)
+    ]  # fmt: skip
+    assert [f for _, f, _ in forwards] == out.forwards and dups == 0 and late == []
+    assert list(puts) == [b"ku1"] and [r[2] for r in p.records] == [b"u1"]
 
 
 def _fw(item: str, i: int) -> Forward:
@@ -290,7 +334,7 @@ def test_state_keys_are_the_ids_utf8_with_and_without_the_store_prefix() -> None
 
 class _Shard:
     def __init__(self, cache_entries: int) -> None:
-        self.cache: dict[bytes, Any] = {}
+        self.cache: dict[str, Any] = {}
         self.cache_entries = cache_entries
         self.partition = 2
 
@@ -309,6 +353,46 @@ def test_put_states_finds_each_work_items_keys_among_the_batchs_ids(cache_entrie
     worker._put_states(work, news, values, ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
     assert puts == {b"ka": b"va", b"kc": b"vc", b"ke": b"ve"}
     assert p.records == [("chg", b"va", b"a", 2), ("chg", b"vc", b"c", 2), ("chg", b"ve", b"e", 2)]
-    assert shard.cache == ({b"ka": "A", b"kc": "C", b"ke": "E"} if cache_entries else {})
+    assert p.polls == 1  # the full queue: polled once, then the record taken (as _send does)
+    assert shard.cache == ({"a": "A", "c": "C", "e": "E"} if cache_entries else {})
     with pytest.raises(ValueError):
         worker._put_states(work, news, values[:2], ids, raw, keys, puts, shard, p, "chg")  # type: ignore[arg-type]
+
+
+def test_tail_replica_leaves_the_replica_as_a_put_per_record(tmp_path: Any) -> None:
+    """The changelog tail's one ``put_many`` a consume: each item's newest vector, new items' rows in order of
+    first appearance (what the negatives' sampling reads), meta records, deletes and vectorless states skipped."""
+    from streams.config import Settings
+    from streams.core.vectors import ItemReplica
+
+    w = worker.StreamWorker(Settings(data_dir=str(tmp_path)))
+    rng = np.random.default_rng(3)
+    vecs = [rng.standard_normal(w.cfg.dim).astype(np.float32) for _ in range(5)]
+    records: list[tuple[bytes | None, bytes]] = [
+        (b"i1", serde.encode_item(ItemState(vector=vecs[0]))),
+        (b"i2", serde.encode_item(ItemState(vector=vecs[1]))),
+        (b"\x00off:events:0", b"5"),
+        (b"i1", serde.encode_item(ItemState(vector=vecs[2]))),
+        (b"i3", serde.encode_item(ItemState())),
+        (b"i0", serde.encode_item(ItemState(vector=vecs[3]))),
+        (None, b"x"),
+        (b"i2", b""),
+        (b"i4", serde.encode_item(ItemState(vector=vecs[4]))),
+    ]
+
+    class _Tail:
+        def consume(self, n: int, timeout: float) -> list[Message]:
+            return [Message(topic="ic", partition=0, offset=i, key=k, value=v) for i, (k, v) in enumerate(records)]
+
+    want = ItemReplica(w.cfg)
+    for r in (want, w.replica):
+        r.put("i0", np.ones(w.cfg.dim, dtype=np.float32))
+    for k, v in records:
+        if k and v and k[:1] != b"\x00" and serde.vector_of(v) is not None:
+            want.put(k.decode(), serde.vector_of(v))  # type: ignore[arg-type]
+    w._tail = _Tail()  # type: ignore[assignment]
+    w._tail_replica()
+    ids = ["i0", "i1", "i2", "i4"]
+    assert w.replica._rows == want._rows and w.replica.get("i3") is None
+    assert np.array_equal(w.replica.get_many(ids), want.get_many(ids))
+    assert np.array_equal(w.replica.get("i1"), vecs[2])  # type: ignore[arg-type]
