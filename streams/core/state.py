@@ -493,7 +493,9 @@ def _apply_user_features(
         accepted_at = [i for i in range(len(events)) if i not in skip]
         accepted = [events[i] for i in accepted_at]
     else:  # the usual case: all of them
-        accepted_at = [i for i in range(len(events))]  # compiled: a C loop (``list(range())`` is a generic call)
+        # compiled: a C loop (``list(range())`` is a generic call); one event (most users in a batch) gets a
+        # list literal, without the loop's appends that grow the list
+        accepted_at = [0] if len(events) == 1 else [i for i in range(len(events))]
         # the caller's list itself (the core only reads it): no copy
         accepted = events if type(events) is list else list(events)
     if not accepted:
@@ -697,6 +699,19 @@ def _store_vectors(news: list[_St], order: list[int], M: npt.NDArray[np.float32]
         new.steps += n_steps[j]
 
 
+def _store_user_vectors(
+    news: list[UserState], order: list[int], M: npt.NDArray[np.float32], n_steps: list[int]
+) -> None:
+    """:func:`_store_vectors` for user states: ``new`` is typed ``UserState`` in the compiled build, so its
+    fields are C struct members (a generic attribute get or set costs ~130-150 instructions, three a user)."""
+    after = list(map(_copy, M))
+    for row in range(len(order)):
+        j = order[row]
+        new = news[j]
+        new.vector = after[row]
+        new.steps += n_steps[j]
+
+
 def _apply_user_batch(
     batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
     cfg: CoreConfig,
@@ -750,7 +765,8 @@ def _apply_user_batch(
         fresh = []
         for row in range(len(order)):
             j = order[row]
-            vec = news[j].vector
+            new = news[j]  # typed: its vector is a struct member, not a generic attribute read
+            vec = new.vector
             if vec is None:
                 fresh.append(row)
             vecs.append(vec)
@@ -762,7 +778,8 @@ def _apply_user_batch(
             for k in range(len(fresh)):
                 row = fresh[k]
                 vec = init[k]
-                news[order[row]].vector = vecs[row] = vec
+                new = news[order[row]]
+                new.vector = vecs[row] = vec
         before: list[Vec] | None = vecs  # type: ignore[assignment]  # each row has its vector now
         U = _joined(before, dim)  # type: ignore[arg-type]
         if U is None:  # some vector is not float32 of ``dim``: converted, so U's rows are not those vectors
@@ -786,7 +803,10 @@ def _apply_user_batch(
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
-            Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
+            # ``U[rows]``, by a tighter copy loop. In the first round, when every user has one step in it, the rows are
+            # all of U's in order: U itself, read before the round's update of U below (the round's snapshots come
+            # from ``before`` then, not from Ue), with no copy
+            Ue = U if before is not None and len(evs) == len(U) else U.take(rows, 0)
             neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
             pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
@@ -813,7 +833,7 @@ def _apply_user_batch(
                                    None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
-        _store_vectors(news, order, U, n_pos)
+        _store_user_vectors(news, order, U, n_pos)
     results = []
     impression = _IMPRESSION_TYPE
     for j in range(len(batch)):
