@@ -803,10 +803,19 @@ def _apply_user_batch(
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
-            # ``U[rows]``, by a tighter copy loop. In the first round, when every user has one step in it, the rows are
-            # all of U's in order: U itself, read before the round's update of U below (the round's snapshots come
-            # from ``before`` then, not from Ue), with no copy
-            Ue = U if before is not None and len(evs) == len(U) else U.take(rows, 0)
+            # The round's rows of U (Ue), each step's row and each forward's snapshot of its user's vector (Ue's
+            # row). In the first round, when every user has one step in it, the rows are all of U's in order: U
+            # itself is read (before the round's update of U below: no copy), step e is row e, and the snapshots
+            # are the vectors before the batch, bit for bit: those arrays themselves, not new views.
+            ev_rows: list[int] | None = None
+            if before is not None and len(evs) == len(U):
+                Ue = U
+                snaps = before
+            else:
+                Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
+                ev_rows = rows.tolist()
+                snaps = list(Ue) if before is None else [before[row] for row in ev_rows]
+            before = None
             neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
             pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
@@ -816,17 +825,9 @@ def _apply_user_batch(
             # the scores as one tuple, each forward's a slice of it: no list per row to build and copy
             ns = tuple(neg_scores.ravel().tolist())
             n_neg = neg_scores.shape[1]
-            ev_rows = rows.tolist()
-            # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
-            # vector before the batch, bit for bit: that array itself, not a new view per forward.
-            if before is not None:
-                snaps = [before[row] for row in ev_rows]
-                before = None
-            else:
-                snaps = list(Ue)
             for e in range(len(evs)):
                 st = evs[e]
-                row = ev_rows[e]
+                row = e if ev_rows is None else ev_rows[e]
                 at0 = n_neg * e
                 row_fw[row].append(
                     _new(Forward, (st[4], st[0], st[1], st[2], row_uid[row], snaps[e], ns[at0 : at0 + n_neg], True,
