@@ -616,9 +616,11 @@ def _rounds(
     n_long = 0
     while n_long < len(lens) and lens[n_long] > max_rounds:
         n_long += 1
-    long_lens = np.array(lens[:n_long])
-    # chunk r of a long key of n items: items [n * r // max_rounds, n * (r + 1) // max_rounds)
-    bounds = [(long_lens * r // max_rounds).tolist() for r in range(max_rounds + 1)]
+    bounds: list[list[int]] = []
+    if n_long:  # (numpy calls: none for a batch without long keys, the usual one)
+        long_lens = np.array(lens[:n_long])
+        # chunk r of a long key of n items: items [n * r // max_rounds, n * (r + 1) // max_rounds)
+        bounds = [(long_lens * r // max_rounds).tolist() for r in range(max_rounds + 1)]
     m = len(lens)
     for r in range(min(lens[0], max_rounds)):
         while lens[m - 1] <= r:  # keys with no item left in this round (a suffix)
@@ -730,7 +732,9 @@ def _apply_user_batch(
     # the config's fields read once a batch; a longer lateness excludes no int64 event time either
     lateness = min(cfg.lateness_us, _LATENESS_MAX)
     recent_n = cfg.recent_n
-    for _uid, state, events in batch:
+    uids: list[str] = []
+    for uid, state, events in batch:
+        uids.append(uid)
         new = UserState() if state is None else state if in_place else state.copy()
         out = _blank_outcome()
         acc, at, pos = _apply_user_features(new, events, lateness, recent_n, out)
@@ -753,7 +757,6 @@ def _apply_user_batch(
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
     pos_fw: list[list[Forward]] = [[] for _ in batch]
-    uids = [b[0] for b in batch]
     if order:
         dim = cfg.dim
         # per row of U (the users in ``order``), in one pass: the user's vector before the batch, its id, its
