@@ -100,6 +100,9 @@ cpdef list _rounds(list per_key, Py_ssize_t max_rounds)
 @cython.locals(row=Py_ssize_t, j=Py_ssize_t, after=list)
 cpdef _store_vectors(list news, list order, object M, list n_steps)
 
+@cython.locals(row=Py_ssize_t, j=Py_ssize_t, after=list, new=UserState)
+cpdef _store_user_vectors(list news, list order, object M, list n_steps)
+
 @cython.locals(n_steps=list, order=list, fresh=list, j=Py_ssize_t, row=Py_ssize_t, lr_of=dict, es=list, e=tuple,
                at=list, lrs=list, k=Py_ssize_t, same_k=bint, by_row=bint, n=Py_ssize_t, i=Py_ssize_t,
                r=Py_ssize_t, s0=Py_ssize_t)

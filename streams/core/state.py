@@ -540,7 +540,9 @@ def _apply_user_features(
         accepted_at = [i for i in range(len(events)) if i not in skip]
         accepted = [events[i] for i in accepted_at]
     else:  # the usual case: all of them
-        accepted_at = [i for i in range(len(events))]  # compiled: a C loop (``list(range())`` is a generic call)
+        # compiled: a C loop (``list(range())`` is a generic call); one event (most users in a batch) gets a
+        # list literal, without the loop's appends that grow the list
+        accepted_at = [0] if len(events) == 1 else [i for i in range(len(events))]
         # the caller's list itself (the core only reads it): no copy
         accepted = events if type(events) is list else list(events)
     if not accepted:
@@ -661,9 +663,11 @@ def _rounds(
     n_long = 0
     while n_long < len(lens) and lens[n_long] > max_rounds:
         n_long += 1
-    long_lens = np.array(lens[:n_long])
-    # chunk r of a long key of n items: items [n * r // max_rounds, n * (r + 1) // max_rounds)
-    bounds = [(long_lens * r // max_rounds).tolist() for r in range(max_rounds + 1)]
+    bounds: list[list[int]] = []
+    if n_long:  # (numpy calls: none for a batch without long keys, the usual one)
+        long_lens = np.array(lens[:n_long])
+        # chunk r of a long key of n items: items [n * r // max_rounds, n * (r + 1) // max_rounds)
+        bounds = [(long_lens * r // max_rounds).tolist() for r in range(max_rounds + 1)]
     m = len(lens)
     for r in range(min(lens[0], max_rounds)):
         while lens[m - 1] <= r:  # keys with no item left in this round (a suffix)
@@ -744,6 +748,19 @@ def _store_vectors(news: list[_St], order: list[int], M: npt.NDArray[np.float32]
         new.steps += n_steps[j]
 
 
+def _store_user_vectors(
+    news: list[UserState], order: list[int], M: npt.NDArray[np.float32], n_steps: list[int]
+) -> None:
+    """:func:`_store_vectors` for user states: ``new`` is typed ``UserState`` in the compiled build, so its
+    fields are C struct members (a generic attribute get or set costs ~130-150 instructions, three a user)."""
+    after = list(map(_copy, M))
+    for row in range(len(order)):
+        j = order[row]
+        new = news[j]
+        new.vector = after[row]
+        new.steps += n_steps[j]
+
+
 def _apply_user_batch(
     batch: Sequence[tuple[str, UserState | None, Sequence[Event]]],
     cfg: CoreConfig,
@@ -762,7 +779,9 @@ def _apply_user_batch(
     # the config's fields read once a batch; a longer lateness excludes no int64 event time either
     lateness = min(cfg.lateness_us, _LATENESS_MAX)
     recent_n = cfg.recent_n
-    for _uid, state, events in batch:
+    uids: list[str] = []
+    for uid, state, events in batch:
+        uids.append(uid)
         new = _blank_user() if state is None else state if in_place else state.copy()
         out = _blank_outcome()
         acc, at, pos = _apply_user_features(new, events, lateness, recent_n, out)
@@ -785,7 +804,6 @@ def _apply_user_batch(
     # each user's positive events' forwards, in order: rounds take consecutive chunks of a user's
     # positives, so appending round by round keeps each list in the order of the user's positives
     pos_fw: list[list[Forward]] = [[] for _ in batch]
-    uids = [b[0] for b in batch]
     if order:
         dim = cfg.dim
         # per row of U (the users in ``order``), in one pass: the user's vector before the batch, its id, its
@@ -797,7 +815,8 @@ def _apply_user_batch(
         fresh = []
         for row in range(len(order)):
             j = order[row]
-            vec = news[j].vector
+            new = news[j]  # typed: its vector is a struct member, not a generic attribute read
+            vec = new.vector
             if vec is None:
                 fresh.append(row)
             vecs.append(vec)
@@ -809,7 +828,8 @@ def _apply_user_batch(
             for k in range(len(fresh)):
                 row = fresh[k]
                 vec = init[k]
-                news[order[row]].vector = vecs[row] = vec
+                new = news[order[row]]
+                new.vector = vecs[row] = vec
         before: list[Vec] | None = vecs  # type: ignore[assignment]  # each row has its vector now
         U = _joined(before, dim)  # type: ignore[arg-type]
         if U is None:  # some vector is not float32 of ``dim``: converted, so U's rows are not those vectors
@@ -833,7 +853,19 @@ def _apply_user_batch(
             negs = items.sample_many(hs, cfg.negatives)
             if negs is None:
                 negs = np.zeros((len(evs), 1, dim), dtype=np.float32)
-            Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
+            # The round's rows of U (Ue), each step's row and each forward's snapshot of its user's vector (Ue's
+            # row). In the first round, when every user has one step in it, the rows are all of U's in order: U
+            # itself is read (before the round's update of U below: no copy), step e is row e, and the snapshots
+            # are the vectors before the batch, bit for bit: those arrays themselves, not new views.
+            ev_rows: list[int] | None = None
+            if before is not None and len(evs) == len(U):
+                Ue = U
+                snaps = before
+            else:
+                Ue = U.take(rows, 0)  # ``U[rows]``, by a tighter copy loop
+                ev_rows = rows.tolist()
+                snaps = list(Ue) if before is None else [before[row] for row in ev_rows]
+            before = None
             neg_scores = np.matmul(negs, Ue[:, :, None])[:, :, 0]
             pos = (Ue * V).sum(axis=1)
             g = _sigmoid(neg_scores - pos[:, None])  # sigma(-(x_ui - x_uj))
@@ -843,24 +875,16 @@ def _apply_user_batch(
             # the scores as one tuple, each forward's a slice of it: no list per row to build and copy
             ns = tuple(neg_scores.ravel().tolist())
             n_neg = neg_scores.shape[1]
-            ev_rows = rows.tolist()
-            # each forward's snapshot of its user's vector (Ue's row). In the first round that is the
-            # vector before the batch, bit for bit: that array itself, not a new view per forward.
-            if before is not None:
-                snaps = [before[row] for row in ev_rows]
-                before = None
-            else:
-                snaps = list(Ue)
             for e in range(len(evs)):
                 st = evs[e]
-                row = ev_rows[e]
+                row = e if ev_rows is None else ev_rows[e]
                 at0 = n_neg * e
                 row_fw[row].append(
                     _new(Forward, (st[4], st[0], st[1], st[2], row_uid[row], snaps[e], ns[at0 : at0 + n_neg], True,
                                    None, None))
                 )  # fmt: skip
             U[:m] += _damped_step(lr[:, None] * grad, lr, sizes, U[:m], reg)
-        _store_vectors(news, order, U, n_pos)
+        _store_user_vectors(news, order, U, n_pos)
     results = []
     impression = _IMPRESSION_TYPE
     for j in range(len(batch)):

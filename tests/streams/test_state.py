@@ -723,3 +723,33 @@ def test_a_blank_state_is_a_default_state(cls: type[Any]) -> None:
         if isinstance(got, list | dict):
             assert got is not getattr(b, f.name), f.name
     assert pickle.loads(pickle.dumps(a)) == want and encode(a) == encode(want)
+
+
+def test_a_first_round_of_single_steps_reads_the_batch_matrix_itself() -> None:
+    """The first round's user rows are U itself when every user has one step in it, and a copy of U's rows
+    otherwise (a user with more positives than rounds takes a chunk of them): the same states and forwards."""
+    cfg = CoreConfig(dim=8, max_rounds=2, negatives=3)
+    items = ItemReplica(cfg)
+    for n in range(5):
+        items.put(f"i{n}", np.full(8, 0.1 * n + 0.05, dtype=np.float32))
+    singles = []
+    for u in range(4):
+        first = Event(f"p{u}", EventType.CLICK, T0 - 1, user_id=f"u{u}", item_id="i3")
+        prior = None if u == 3 else apply_user_events(None, f"u{u}", [first], cfg, items)[0]
+        singles.append((f"u{u}", prior, [Event(f"e{u}", EventType.VIEW, T0 + u, user_id=f"u{u}", item_id=f"i{u}")]))
+    clicks = [Event(f"e9.{i}", EventType.CLICK, T0 + i, user_id="u9", item_id=f"i{i % 5}") for i in range(5)]
+    long = ("u9", None, clicks)
+    fast = apply_user_batch(singles, cfg, items)  # each user one step: the first round is all of U's rows in order
+    general = apply_user_batch([long, *singles], cfg, items)[1:]  # u9's chunk of 3 steps: U's rows gathered
+    for (a, out_a), (b, out_b) in zip(fast, general, strict=True):
+        assert serde.encode_user(a) == serde.encode_user(b)
+        assert a.vector is not None and a.vector.flags.owndata
+        [fa], [fb] = out_a.forwards, out_b.forwards
+        assert fa.user_vector is not None and fb.user_vector is not None
+        assert fa.user_vector.tobytes() == fb.user_vector.tobytes() and fa.neg_scores == fb.neg_scores
+    # the snapshots are the vectors before the batch, not rows of U (which the round then updated in place)
+    for (_, prior, _), (state, out) in zip(singles, fast, strict=True):
+        snap = out.forwards[0].user_vector
+        assert snap is not None and state.vector is not None and not np.array_equal(snap, state.vector)
+        if prior is not None:
+            assert prior.vector is not None and snap.tobytes() == prior.vector.tobytes()
