@@ -22,7 +22,7 @@ from pathlib import Path
 
 from streams.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_port
 from streams.config import Settings
-from streams.producer import make_producer, produce_records, synthetic_events
+from streams.producer import make_producer, produce_records, slate_sessions
 
 __all__ = ["add_arguments", "run_demo"]
 
@@ -90,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
         def play() -> None:
             step = int(1_000_000 / args.rate)
             now_us = int(time.time() * 1_000_000)
-            records = synthetic_events(10**9, args.users, args.items, seed=1, start_us=now_us, step_us=step)
+            records = slate_sessions(10**9, args.users, args.items, seed=1, start_us=now_us, step_us=step)
             produce_records(producer, settings.topics.events, _until(records, stop), rate=args.rate)
 
         player = threading.Thread(target=play, name="demo-stream", daemon=True)

@@ -43,6 +43,7 @@ __all__ = [
     "read_csv",
     "read_movielens",
     "synthetic_events",
+    "slate_sessions",
     "add_arguments",
     "run_produce",
     "produce_records",
@@ -215,6 +216,73 @@ def synthetic_events(
                 obj["item_id"] = f"i{it[j]}"
             yield Record(f"u{u[j]}".encode(), orjson.dumps(obj), ts)
         done += m
+
+
+def slate_sessions(
+    n: int,
+    users: int = 10_000,
+    items: int = 5_000,
+    seed: int = 0,
+    start_us: int | None = None,
+    step_us: int = 1_000,
+    slate: int = 5,
+    click_rate: float = 0.3,
+) -> Iterator[Record]:
+    """Seeded sessions whose clicks come from slates that were shown: the demo's stream.
+
+    Each step shows a user a slate of ``slate`` distinct items (Zipf popularity) as an ``impression``;
+    with probability ``click_rate`` the user clicks one of them (position-biased: weight 1 / (position
+    + 1)), which then may lead to a ``view`` (0.5), an ``add_to_cart`` (0.15) and a ``purchase`` (a third
+    of those). Every click carries its slate's ``request_id`` and its position, so an item's clicks never
+    outnumber its impressions and impression -> click rewards join as served ones do. (``synthetic_events``
+    draws clicks independently of impressions; the ingest benchmark keeps it as its fixed stream.)
+    ``n`` counts records; the last step may be cut short.
+    """
+    if slate < 1 or slate > items:
+        raise ValueError(f"slate must be in [1, items], got {slate}")
+    rng = np.random.default_rng(seed)
+    start = start_us if start_us is not None else 1_790_000_000_000_000
+    bias = 1.0 / np.arange(1, slate + 1)
+    bias /= bias.sum()
+    sent = 0
+    step = 0
+    while sent < n:
+        user = f"u{int(rng.integers(0, users))}"
+        shown: list[str] = []
+        while len(shown) < slate:  # distinct items, popular ones first more often
+            item = f"i{min(int(rng.zipf(1.3)) - 1, items - 1)}"
+            if item not in shown:
+                shown.append(item)
+        request = f"r{seed}-{step}"
+        session = {"session_id": f"{user}-{step // 50}", "surface": "home", "device": "web"}
+        events: list[dict[str, Any]] = [{"type": "impression", "items": shown}]
+        if rng.random() < click_rate:
+            pos = int(rng.choice(slate, p=bias))
+            events.append({"type": "click", "item_id": shown[pos], "position": pos})
+            if rng.random() < 0.5:
+                events.append({"type": "view", "item_id": shown[pos]})
+            if rng.random() < 0.15:
+                events.append({"type": "add_to_cart", "item_id": shown[pos]})
+                if rng.random() < 1 / 3:
+                    events.append({"type": "purchase", "item_id": shown[pos]})
+        for k, fields in enumerate(events):
+            if sent >= n:
+                return
+            ts = start + sent * step_us
+            context = dict(session, position=fields.pop("position")) if "position" in fields else session
+            obj: dict[str, Any] = {
+                "event_id": f"d{seed}-{step}-{k}",
+                "type": fields.pop("type"),
+                "user_id": user,
+                "event_time": _iso(ts),
+                "schema_version": 1,
+                "context": context,
+                **fields,  # (item_id or items, then request_id: the codec's field order)
+                "request_id": request,
+            }
+            yield Record(user.encode(), orjson.dumps(obj), ts)
+            sent += 1
+        step += 1
 
 
 def make_producer(bootstrap: str, **extra: Any) -> Any:

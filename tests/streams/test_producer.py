@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from streams.producer import MAX_PACE_JUMP_US, Record, produce_records
+from collections import Counter
+
+from streams.codec import decode
+from streams.events import EventType
+from streams.producer import MAX_PACE_JUMP_US, Record, produce_records, slate_sessions
 
 S = 1_000_000
 
@@ -52,3 +56,37 @@ def test_out_of_order_records_never_wait_and_outliers_cost_at_most_an_hour() -> 
     assert sent[:3] == [0.0, 1.0, 1.0]  # 30 s is behind the schedule: sent at once
     assert sent[3] == 1.0 + MAX_PACE_JUMP_US / S / 60  # the outlier's jump is capped at one hour
     assert sent[4] == sent[3] + 1.0
+
+
+def test_slate_sessions_click_only_what_was_shown() -> None:
+    """The demo's stream: every record is a valid event; a click names an item of an earlier slate shown to
+    the same user with the same request id and its position there, so no item has more clicks than
+    impressions; seeded, so two runs are equal."""
+    records = list(slate_sessions(3_000, users=50, items=200, seed=7, start_us=1_790_000_000_000_000))
+    assert len(records) == 3_000
+    assert records == list(slate_sessions(3_000, users=50, items=200, seed=7, start_us=1_790_000_000_000_000))
+    shown: dict[str, tuple[str, tuple[str, ...]]] = {}  # request id -> (user, slate)
+    impressions: Counter[str] = Counter()
+    clicks: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    times = []
+    for rec in records:
+        ev = decode(rec.value)
+        kinds[ev.type.value] += 1
+        times.append(ev.ts_us)
+        assert rec.key == (ev.user_id or "").encode() and ev.request_id is not None
+        if ev.type is EventType.IMPRESSION:
+            assert len(set(ev.items)) == len(ev.items) == 5
+            shown[ev.request_id] = (ev.user_id or "", ev.items)
+            impressions.update(ev.items)
+            continue
+        user, slate = shown[ev.request_id]  # (a KeyError: an action on a slate never shown)
+        assert ev.user_id == user and ev.item_id in slate
+        if ev.type is EventType.CLICK:
+            assert ev.context.position is not None and slate[ev.context.position] == ev.item_id
+            clicks[ev.item_id or ""] += 1
+    assert times == sorted(times)
+    assert all(clicks[i] <= impressions[i] for i in clicks)
+    assert set(kinds) == {"impression", "click", "view", "add_to_cart", "purchase"}
+    # ~0.3 clicks a slate of 5: a CTR near 6% overall, far from 1
+    assert 0.03 < sum(clicks.values()) / sum(impressions.values()) < 0.09
