@@ -10,7 +10,10 @@ Sources:
   or ``userId,movieId,...``), each rating becoming a ``click`` at its timestamp,
   in (timestamp, movie_id) order.
 * ``--synthetic N``: N events of seeded synthetic sessions (views, clicks,
-  add-to-carts, purchases, impressions) with a Zipf item popularity.
+  add-to-carts, purchases, impressions) with a Zipf item popularity, clicks drawn
+  independently of the impressions (the ingest benchmark's stream).
+* ``--sessions N``: N events of seeded slate sessions (``slate_sessions``, the demo's
+  stream): a click names an item of a slate shown to that user, with its request id.
 
 Pacing: ``--rate R`` throttles to R events/s; ``--speed X`` replays X times
 faster than the recorded event times. Without either, it sends as fast as it can.
@@ -358,6 +361,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--csv", help="a CSV file of events")
     src.add_argument("--movielens", help="MovieLens ratings CSV")
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic events")
+    src.add_argument(
+        "--sessions", type=int, metavar="N", help="N events of slate sessions: clicks only on items of shown slates"
+    )
     p.add_argument("--users", type=int, default=10_000, help="synthetic: number of users")
     p.add_argument("--items", type=int, default=5_000, help="synthetic: number of items")
     p.add_argument("--seed", type=int, default=0)
@@ -378,7 +384,10 @@ def run_produce(args: argparse.Namespace, settings: Settings) -> int:
     else:
         now_us = int(time.time() * 1_000_000)
         step = int(1_000_000 / args.rate) if args.rate else 1_000
-        records = synthetic_events(args.synthetic, args.users, args.items, args.seed, start_us=now_us, step_us=step)
+        if args.sessions:
+            records = slate_sessions(args.sessions, args.users, args.items, args.seed, start_us=now_us, step_us=step)
+        else:
+            records = synthetic_events(args.synthetic, args.users, args.items, args.seed, start_us=now_us, step_us=step)
     producer = make_producer(settings.bootstrap_servers)
     t0 = time.monotonic()
     n = produce_records(producer, args.topic or settings.topics.events, records, args.rate, args.speed)

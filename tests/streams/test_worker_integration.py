@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import os
@@ -19,6 +20,7 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
+from streams import codec
 from streams.broker import ensure_topics, free_port
 from streams.config import Settings
 from streams.core import serde
@@ -26,7 +28,7 @@ from streams.core.partition import partition_for
 from streams.core.state import FORWARD_SLOTS, Forward
 from streams.errors import StateMismatch
 from streams.events import EventType
-from streams.producer import make_producer, produce_records, synthetic_events
+from streams.producer import add_arguments, make_producer, produce_records, run_produce, synthetic_events
 from streams.store import STATE_PREFIX, open_store
 from streams.worker import StreamWorker
 
@@ -569,3 +571,21 @@ def test_a_rebalance_while_waiting_for_forwards_loses_nothing(live_settings: Set
     assert worker.stats.events == 4 and worker.stats.item_records == 4 and worker.stats.duplicates == 0
     assert _user_counts(s) == Counter({"u0": 2, "u1": 1, "u2": 1})
     assert _item_counts(s) == Counter({"i0": 2, "i1": 2})
+
+
+def test_the_producer_cli_plays_slate_sessions_into_the_events_topic(live_settings: Settings) -> None:
+    """``freshrec produce --sessions N``: N valid events keyed by user, each user's in event-time order."""
+    ensure_topics(live_settings)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--sessions", "400", "--users", "20", "--items", "50", "--seed", "3"])
+    assert run_produce(args, live_settings) == 0
+    msgs = _read_all(live_settings, live_settings.topics.events, live_settings.partitions)
+    assert len(msgs) == 400
+    last: dict[str, int] = {}
+    for m in msgs:
+        ev = codec.decode(m.value() or b"")
+        assert m.key() == (ev.user_id or "").encode()
+        assert ev.ts_us >= last.get(ev.user_id or "", 0)  # one user's events: one partition, in order
+        last[ev.user_id or ""] = ev.ts_us
+    assert len(last) > 1
