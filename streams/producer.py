@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 
+#: the first event time of the seeded generators when none is given (2026-09-21 14:13:20 UTC): reproducible output
+SYNTHETIC_START_US = 1_790_000_000_000_000
+
 #: the most event time one forward jump may add to a ``--speed`` schedule (1 hour)
 MAX_PACE_JUMP_US = 3_600 * 1_000_000
 
@@ -189,7 +192,7 @@ def synthetic_events(
 ) -> Iterator[Record]:
     """Seeded synthetic sessions. ``bad_every=k`` makes every k-th record malformed."""
     rng = np.random.default_rng(seed)
-    start = start_us if start_us is not None else 1_790_000_000_000_000
+    start = start_us if start_us is not None else SYNTHETIC_START_US
     kinds = np.array(["view", "click", "add_to_cart", "purchase", "impression"])
     probs = np.array([0.55, 0.25, 0.08, 0.02, 0.10])
     chunk = 65_536
@@ -244,7 +247,7 @@ def slate_sessions(
     if slate < 1 or slate > items:
         raise ValueError(f"slate must be in [1, items], got {slate}")
     rng = np.random.default_rng(seed)
-    start = start_us if start_us is not None else 1_790_000_000_000_000
+    start = start_us if start_us is not None else SYNTHETIC_START_US
     bias = 1.0 / np.arange(1, slate + 1)
     bias /= bias.sum()
     sent = 0

@@ -377,7 +377,8 @@ def _blank_user() -> UserState:
     """``UserState()`` without the dataclass ``__init__``: the same fields, new containers.
 
     Compiled, Cython's ``__init__`` imports ``dataclasses`` for each ``default_factory`` field (to compare
-    the argument with its sentinel): ~12k instructions a state, whatever the arguments.
+    the argument with its sentinel), whatever the arguments: 0.74 µs against 0.22 µs for this (timed on the
+    2-core box, 2026-12-02).
     """
     s: UserState = UserState.__new__(UserState)
     s.counts = [0] * N_TYPES
@@ -396,7 +397,8 @@ def _blank_item() -> ItemState:
     """``ItemState()`` without the dataclass ``__init__``: the same fields, new containers.
 
     Compiled, Cython's ``__init__`` imports ``dataclasses`` for each ``default_factory`` field (to compare
-    the argument with its sentinel): ~12k instructions a state, where a new item costs ~1k otherwise.
+    the argument with its sentinel), whatever the arguments: 0.68 µs against 0.14 µs for this (timed as
+    ``_blank_user``).
     """
     s: ItemState = ItemState.__new__(ItemState)
     s.counts = [0] * N_TYPES

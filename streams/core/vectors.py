@@ -48,9 +48,14 @@ class ItemReplica:
         if row is None:
             row = len(self._rows)
             if row >= len(self._mat):
-                self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+                self._fit(row + 1)
             self._rows[item_id] = row
         self._mat[row] = vector
+
+    def _fit(self, n: int) -> None:
+        """Grow the matrix (doubling it) until it has at least ``n`` rows."""
+        while n > len(self._mat):
+            self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
 
     def put_many(self, item_ids: Sequence[str], vectors: list[Vec]) -> None:
         """:meth:`put` of each item's vector, in order, with one row scatter for them all.
@@ -76,8 +81,7 @@ class ItemReplica:
             if row is None:
                 row = rows[item_id] = len(rows)
             at.append(row)
-        while len(rows) > len(self._mat):
-            self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+        self._fit(len(rows))
         self._mat[_intps(at)] = M
 
     def get(self, item_id: str) -> Vec | None:
