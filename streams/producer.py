@@ -50,6 +50,7 @@ __all__ = [
     "add_arguments",
     "run_produce",
     "produce_records",
+    "LINGER_MS",
     "make_producer",
 ]
 
@@ -291,14 +292,21 @@ def slate_sessions(
         step += 1
 
 
-def make_producer(bootstrap: str, **extra: Any) -> Any:
+#: how long the producer gathers records into one batch per partition before it sends. Every
+#: produced batch is an object the embedded broker stores for good and lists on every fetch of its
+#: partition (docs/ARCHITECTURE.md, "Tansu quirks"): a live stream of 16.5k events/s cost Tansu 62% of
+#: a core at 5 ms (librdkafka's default), 10% at 50 ms. It adds at most this much to an event's freshness.
+LINGER_MS = 50
+
+
+def make_producer(bootstrap: str, linger_ms: int = LINGER_MS, **extra: Any) -> Any:
     """A confluent-kafka producer that partitions like Kafka's Java clients (murmur2)."""
     from confluent_kafka import Producer
 
     conf = {
         "bootstrap.servers": bootstrap,
         "partitioner": "murmur2_random",
-        "linger.ms": 5,
+        "linger.ms": linger_ms,
         "batch.num.messages": 10000,
         "queue.buffering.max.messages": 1_000_000,
         "log_level": 3,
@@ -374,6 +382,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="events per second")
     pace.add_argument("--speed", type=float, help="times faster than recorded event time")
+    p.add_argument(
+        "--linger-ms",
+        type=int,
+        default=LINGER_MS,
+        help=f"ms the producer gathers records into a batch (default {LINGER_MS}: every batch costs the embedded "
+        "broker for good)",
+    )
 
 
 def run_produce(args: argparse.Namespace, settings: Settings) -> int:
@@ -391,7 +406,7 @@ def run_produce(args: argparse.Namespace, settings: Settings) -> int:
             records = slate_sessions(args.sessions, args.users, args.items, args.seed, start_us=now_us, step_us=step)
         else:
             records = synthetic_events(args.synthetic, args.users, args.items, args.seed, start_us=now_us, step_us=step)
-    producer = make_producer(settings.bootstrap_servers)
+    producer = make_producer(settings.bootstrap_servers, args.linger_ms)
     t0 = time.monotonic()
     n = produce_records(producer, args.topic or settings.topics.events, records, args.rate, args.speed)
     dt = time.monotonic() - t0
