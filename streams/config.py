@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     #: this long after that one started. Under load batches are full and nothing waits; at a trickle
     #: the worker takes ~1/interval batches a second instead of one per fetch. Every batch costs the
     #: broker a produce request and a stored record batch per touched partition of the forward and
-    #: changelog topics, and the embedded broker's cost per request grows with the batches it holds
+    #: changelog topics, and the embedded broker lists a partition's stored batches on every fetch of it
     #: (docs/ARCHITECTURE.md, "Tansu quirks"); 0 turns it off.
     min_batch_interval_s: float = Field(0.05, ge=0, le=5)
     #: after a batch of fewer than ``batch_size // 2`` records, the worker waits up to this long for
