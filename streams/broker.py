@@ -9,6 +9,7 @@ new, empty log (see :mod:`streams.worker`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -90,11 +91,15 @@ class EmbeddedBroker:
             raise
         if self._proc.poll() is not None:
             raise BrokerError(f"Tansu exited at start (code {self._proc.returncode}); is port {self.port} taken?")
+        # a broker started outside a ``with`` block would outlive an interpreter that exits without
+        # ``stop`` (an uncaught exception): found running an hour after a crashed script on 2026-12-02
+        atexit.register(self.stop)
         log.info("embedded Tansu broker listening on %s", self.bootstrap)
         return self
 
     def stop(self) -> None:
         """Stop the broker (its in-memory log is gone afterwards)."""
+        atexit.unregister(self.stop)
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
