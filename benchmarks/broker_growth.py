@@ -66,8 +66,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
     with EmbeddedBroker(port=free_port()) as broker:
-        assert broker._proc is not None
-        pid = broker._proc.pid
+        pid = broker.pid
+        assert pid is not None
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
         # one record per batch: each produce is one stored batch
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0, "batch.num.messages": 1})

@@ -34,7 +34,8 @@ from streams.producer import make_producer, produce_records, synthetic_events  #
 def window(linger_ms: int, preload: int, rate: float, seconds: float) -> tuple[float, int, int]:
     """(broker CPU % of a core, events produced, events the tailing consumer read) for one linger."""
     with EmbeddedBroker(port=free_port()) as broker:
-        assert broker._proc is not None
+        pid = broker.pid
+        assert pid is not None
         settings = Settings(bootstrap_servers=broker.bootstrap, partitions=4)
         ensure_topics(settings)
         topic = settings.topics.events
@@ -60,11 +61,11 @@ def window(linger_ms: int, preload: int, rate: float, seconds: float) -> tuple[f
         time.sleep(2.0)  # the assignment settles at the end of the log
         producer = make_producer(broker.bootstrap, linger_ms)
         live = synthetic_events(int(rate * seconds), 50_000, 20_000, seed=2, start_us=now_us, step_us=int(1e6 / rate))
-        c0, t0 = cpu_s(broker._proc.pid), time.monotonic()
+        c0, t0 = cpu_s(pid), time.monotonic()
         n = produce_records(producer, topic, live, rate=rate)
         producer.flush(30)
         time.sleep(0.5)
-        pct = 100.0 * (cpu_s(broker._proc.pid) - c0) / (time.monotonic() - t0)
+        pct = 100.0 * (cpu_s(pid) - c0) / (time.monotonic() - t0)
         stop.set()
         reader.join()
         return pct, n, got[0]

@@ -294,8 +294,9 @@ def slate_sessions(
 
 #: how long the producer gathers records into one batch per partition before it sends. Every
 #: produced batch is an object the embedded broker stores for good and lists on every fetch of its
-#: partition (docs/ARCHITECTURE.md, "Tansu quirks"): a live stream of 16.5k events/s cost Tansu 62% of
-#: a core at 5 ms (librdkafka's default), 10% at 50 ms. It adds at most this much to an event's freshness.
+#: partition (docs/ARCHITECTURE.md, "Tansu quirks"): a live stream of 16.5k events/s cost Tansu 46-47% of
+#: a core at 5 ms (librdkafka's default), 9.5-9.7% at 50 ms (benchmarks/broker_linger.py). It adds at most
+#: this much to an event's freshness.
 LINGER_MS = 50
 
 

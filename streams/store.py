@@ -108,8 +108,8 @@ class RocksStore:
         # visibility. Hash memtables take no concurrent inserts; a shard has one writer anyway.
         opts.set_allow_concurrent_memtable_write(False)
         # Reuse old WAL files instead of creating new ones: on these VMs a page-cache page that is new to
-        # the guest costs ~20x the CPU of overwriting one still cached (benchmarks/page_cache_writes.py:
-        # appends 5-7 ms of CPU a MB once ~2 GB are written, overwrites 0.2-0.3), and the WAL write runs on
+        # the guest costs ~16x the CPU of overwriting one still cached (benchmarks/page_cache_writes.py:
+        # appends 4.06 ms of CPU a MB once ~2 GB are written, overwrites 0.25), and the WAL write runs on
         # the worker's loop thread. Measured with strace during ingest's live phase: WAL appends at ~150 MB/s
         # into a fresh file, ~1.9 GB/s into recycled ones. Point-in-time recovery (the default) is kept.
         opts.set_recycle_log_file_num(WAL_RECYCLE)
