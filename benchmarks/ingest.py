@@ -105,6 +105,17 @@ def raw_consumer_rate(settings: Settings, n: int) -> float:
     return got / dt
 
 
+def cycle_line(s: dict[str, object]) -> str:
+    """The worker's batches since its phase times were reset: records a batch and ms a batch in each phase."""
+    n = int(s.get("window_batches") or 0)  # type: ignore[call-overload]
+    if not n:
+        return "no batches"
+    phases: dict[str, float] = s["phase_s"]  # type: ignore[assignment]
+    parts = " ".join(f"{k} {v * 1000 / n:.1f}" for k, v in phases.items())
+    total = sum(phases.values()) * 1000 / n
+    return f"{n} batches of {int(s['window_records']) / n:,.0f} records; ms a batch: {parts} (sum {total:.1f})"  # type: ignore[call-overload]
+
+
 class WorkerProc:
     """A ``freshrec worker`` subprocess with a fast stats file."""
 
@@ -356,6 +367,7 @@ def main() -> None:
               f"(user stage p50 {u50:.1f} p99 {u99:.1f}; batches {s['batches']}, waits for own forwards "
               f"{s['forward_waits']}: {s['forward_wait_total_s']} s, {s['forward_wait_timeouts']} at the limit)",
               flush=True)  # fmt: skip
+        print(f"live cycle: {cycle_line(s)}", flush=True)
 
         # 5. SIGKILL mid-stream, restart, check nothing lost or doubled
         crash = list(synthetic_events(args.crash_events, args.users, args.items, seed=3,

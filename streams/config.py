@@ -87,10 +87,11 @@ class Settings(BaseSettings):
     #: changelog topics, and the embedded broker lists a partition's stored batches on every fetch of it
     #: (docs/ARCHITECTURE.md, "Tansu quirks"); 0 turns it off.
     min_batch_interval_s: float = Field(0.05, ge=0, le=5)
-    #: after a batch of fewer than ``batch_size // 2`` records, the worker waits up to this long for
-    #: the forwards that batch sent to its own item partitions and applies them in the same step, so
-    #: a click reaches the item store one fetch (~5 ms) after the user store instead of one batch
-    #: interval later. Under load (full batches) they wait for the next batch; 0 turns it off.
+    #: after a batch of fewer than ``batch_size`` records, the worker applies the forwards that batch
+    #: sent to its own item partitions in the same step, so that a click reaches the item store with
+    #: the user store, not one batch later: from the packs' delivery reports where the partition's item
+    #: stage is caught up (no wait), else by reading them back for up to this long. Under load (full
+    #: batches) they ride with the next batch; 0 turns both off.
     forward_wait_s: float = Field(0.05, ge=0, le=5)
     session_timeout_ms: int = Field(6000, ge=1000)
     sync_writes: bool = False

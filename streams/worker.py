@@ -81,6 +81,9 @@ FETCH_WAIT_MS = 50
 #: therefore leaves at the end of its batch, not during the item stage (a few ms at a live rate).
 PRODUCE_LINGER_MS = 1000
 
+#: the parts of a batch that :attr:`WorkerStats.phase_s` times
+PHASES = ("idle", "tail", "consume", "apply", "deliver", "write", "forwards")
+
 #: forwards per ``events.by-item`` record at most (a positive's forward is ~350 bytes: ~350 KB a record)
 PACK_FORWARDS = 1000
 
@@ -110,6 +113,18 @@ class WorkerStats:
     forward_waits: int = 0
     forward_wait_total_s: float = 0.0
     forward_wait_timeouts: int = 0
+    #: forward packs applied from their delivery reports, without being read back (``_apply_own_packs``)
+    own_packs_inline: int = 0
+    #: where the loop's wall time went since the last :meth:`reset_freshness`, in seconds: ``idle``
+    #: (the pause after a small batch, ``Settings.min_batch_interval_s``), ``tail`` (the item-vector
+    #: replica's changelog tail), ``consume`` (the poll for input), ``apply`` (the stages' compute and
+    #: produce calls), ``deliver`` (waiting for the broker to acknowledge what was produced), ``write``
+    #: (the shards' WriteBatches) and ``forwards`` (waiting for the batch's own forwards; applying them
+    #: counts in apply/deliver/write). With ``window_batches`` and ``window_records``: the cycle a
+    #: record waits through, and what it is made of
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    window_batches: int = 0
+    window_records: int = 0
     first_batch_at: float | None = None
     last_batch_at: float | None = None
     #: CPU seconds of the loop's thread (``time.thread_time``) when the first batch began and when the
@@ -124,9 +139,12 @@ class WorkerStats:
     fresh_added: int = 0
 
     def reset_freshness(self) -> None:
-        """Forget the freshness samples (e.g. between benchmark phases)."""
+        """Forget the freshness samples and the phase times (e.g. between benchmark phases)."""
         self.user_fresh_ms = []
         self.item_fresh_ms = []
+        self.phase_s = dict.fromkeys(PHASES, 0.0)
+        self.window_batches = 0
+        self.window_records = 0
         self.fresh_added += 1
 
     def _quantiles(self) -> list[float | None]:
@@ -161,6 +179,10 @@ class WorkerStats:
             "forward_waits": self.forward_waits,
             "forward_wait_total_s": round(self.forward_wait_total_s, 3),
             "forward_wait_timeouts": self.forward_wait_timeouts,
+            "own_packs_inline": self.own_packs_inline,
+            "phase_s": {k: round(v, 4) for k, v in self.phase_s.items()},
+            "window_batches": self.window_batches,
+            "window_records": self.window_records,
             "build": _compiled.build(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "item_records": self.item_records,
@@ -344,6 +366,10 @@ def _fetch_states(
         if raw is not None:
             out[i] = decode(raw)
     return out, len(missing)
+
+
+def _part_offset(m: Message) -> tuple[int, int]:
+    return cast(int, _msg_partition(m)), cast(int, _msg_offset(m))
 
 
 def _by_partition(msgs: list[Message]) -> dict[tuple[str, int], list[Message]]:
@@ -802,6 +828,12 @@ class StreamWorker:
         self._carry: list[Message] = []
         #: by-item partition -> offset of the last forward pack this batch sent there (delivery reports)
         self._pack_offsets: dict[int, int] = {}
+        #: the delivery reports of the packs this batch sent to this worker's own item partitions (with
+        #: their bytes and offsets: ``_apply_own_packs`` applies them without reading them back)
+        self._own_packs: list[Message] = []
+        #: own by-item partition -> the next offset its item stage applies (committed); records below it
+        #: were applied from their delivery reports and are dropped when the consumer reads them
+        self._item_next: dict[int, int] = {}
         #: the by-item partitions this worker's item stage owns
         self._own_items: set[int] = set()
         #: bumped on every assignment and revocation: records consumed before one are not applied after it
@@ -922,6 +954,7 @@ class StreamWorker:
             self._carry = []
             by_item = self.settings.topics.by_item
             self._own_items = {tp.partition for tp in partitions if tp.topic == by_item}
+            self._item_next = {tp.partition: tp.offset for tp in partitions if tp.topic == by_item and tp.offset >= 0}
             log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
             self.assigned.set()
         except BaseException as exc:  # surface errors from the librdkafka callback thread
@@ -939,6 +972,7 @@ class StreamWorker:
         self._generation += 1
         self._carry = []  # read again from the stored offsets by whoever owns them next
         self._own_items = set()
+        self._item_next = {}
         self.assigned.clear()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -966,12 +1000,19 @@ class StreamWorker:
     def step(self) -> int:
         """Run one batch; returns the number of records consumed."""
         assert self._consumer is not None and self._producer is not None and self._pack_producer is not None
+        phase = self.stats.phase_s
         linger = self._next_batch_at - time.monotonic()
-        if linger > 0 and self._stop.wait(linger):
-            return 0
+        if linger > 0:
+            stopped = self._stop.wait(linger)
+            phase["idle"] += linger
+            if stopped:
+                return 0
+        began = time.monotonic()
         self._tail_replica()
         started = time.monotonic()
         msgs = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout_s)
+        phase["tail"] += started - began
+        phase["consume"] += time.monotonic() - started
         if self._carry:
             msgs = self._carry + msgs
             self._carry = []
@@ -989,10 +1030,12 @@ class StreamWorker:
         fresh_user: list[int] = []
         fresh_item: list[int] = []
         self._pack_offsets = {}
+        self._own_packs = []
         try:
             self._apply_and_commit(groups, fresh_user, fresh_item)
             wait = self.settings.forward_wait_s
-            if small and wait > 0:
+            if len(msgs) < self.settings.batch_size and wait > 0:
+                self._apply_own_packs(fresh_item)
                 self._apply_own_forwards(wait, fresh_item)
         except BaseException:
             # cached states are mutated in place before the commit: never keep them past a failure
@@ -1005,6 +1048,8 @@ class StreamWorker:
             self._sample(self.stats.item_fresh_ms, fresh_item, now_ms)
             self.stats.fresh_added += 1
         self.stats.batches += 1
+        self.stats.window_batches += 1
+        self.stats.window_records += len(msgs)
         self.stats.last_batch_at = now_ms / 1000.0
         self.stats.last_batch_cpu_s = time.thread_time()
         self._maybe_write_stats()
@@ -1019,6 +1064,8 @@ class StreamWorker:
         # impressions), and the second group must see the first group's new states
         writes: dict[tuple[str, int], tuple[_Shard, dict[bytes, bytes]]] = {}
         by_item = self.settings.topics.by_item
+        phase = self.stats.phase_s
+        t0 = time.monotonic()
         for topic, partition in groups:  # open the batch's shards first: the cache is shared among them all
             self._shard("item" if topic == by_item else "user", partition)
         _share_cache(list(self._shards.values()), self.settings.state_cache_entries)
@@ -1031,10 +1078,21 @@ class StreamWorker:
             else:
                 pending.update(self._user_batch(shard, topic, batch, pending, fresh_user))
         # forwards, changelogs and DLQ records must be durable before the states commit
+        t1 = time.monotonic()
         self._check_delivered()
+        t2 = time.monotonic()
         sync = self.settings.sync_writes
         for shard, puts in writes.values():
             shard.store.write(puts, sync=sync)
+        t3 = time.monotonic()
+        for (topic, partition), batch in groups.items():
+            if topic == by_item and partition in self._own_items:
+                nxt = cast(int, _msg_offset(batch[-1])) + 1
+                if nxt > self._item_next.get(partition, -1):
+                    self._item_next[partition] = nxt
+        phase["apply"] += t1 - t0
+        phase["deliver"] += t2 - t1
+        phase["write"] += t3 - t2
 
     def _check_delivered(self) -> None:
         """Wait until every record produced so far is acknowledged; raise (no commit) when one is not."""
@@ -1061,6 +1119,42 @@ class StreamWorker:
         p, off = cast(int, msg.partition()), cast(int, msg.offset())
         if off > self._pack_offsets.get(p, -1):
             self._pack_offsets[p] = off
+        if p in self._own_items:
+            self._own_packs.append(msg)
+
+    def _apply_own_packs(self, fresh_item: list[int]) -> None:
+        """Apply the forward packs the batch sent to this worker's own item partitions from their delivery reports.
+
+        A delivery report holds the pack's bytes and offset, so the item stage need not read the pack
+        back from the broker: the same records, applied at the same offsets, in the same step. Only a
+        partition's packs that directly follow what its item stage applied last qualify (no other
+        worker's record in between, nothing unread); the rest are read back (``_apply_own_forwards``)
+        or in a later batch. The consumer reads the applied packs later and they are dropped by offset
+        (``_item_batch``). A crash before the commit leaves them to be read and applied then.
+        """
+        packs = self._own_packs
+        self._own_packs = []
+        if not packs:
+            return
+        packs.sort(key=_part_offset)
+        take: list[Message] = []
+        nxt = -1
+        last_p = -1
+        for m in packs:
+            p = cast(int, _msg_partition(m))
+            if p != last_p:
+                last_p = p
+                nxt = self._item_next.get(p, -1)
+            if _msg_offset(m) == nxt:
+                take.append(m)
+                nxt += 1
+        if not take:
+            return
+        self.stats.own_packs_inline += len(take)
+        self._apply_and_commit(_by_partition(take), [], fresh_item)
+        for p, nxt in self._item_next.items():
+            if self._pack_offsets.get(p, 1 << 62) < nxt:
+                del self._pack_offsets[p]  # its last pack is applied: nothing to read back there
 
     def _apply_own_forwards(self, wait_s: float, fresh_item: list[int]) -> None:
         """Read back the forward packs the batch just sent to this worker's item partitions, and apply them.
@@ -1099,6 +1193,7 @@ class StreamWorker:
         stats = self.stats
         stats.forward_waits += 1
         stats.forward_wait_total_s += time.monotonic() - began
+        stats.phase_s["forwards"] += time.monotonic() - began
         if want:
             stats.forward_wait_timeouts += 1
             log.debug("forward packs not read back within %.3f s: %s", wait_s, want)
@@ -1202,6 +1297,11 @@ class StreamWorker:
         self, shard: _Shard, topic: str, batch: list[Message], pending: dict[bytes, bytes], fresh_ts: list[int]
     ) -> dict[bytes, bytes]:
         assert self._producer is not None
+        applied = self._item_next.get(shard.partition, -1)
+        if cast(int, _msg_offset(batch[0])) < applied:  # packs applied from their delivery reports
+            batch = [m for m in batch if cast(int, _msg_offset(m)) >= applied]
+            if not batch:
+                return {}
         producer = self._producer
         stats = self.stats
         hwm = shard.src_hwm

@@ -573,6 +573,56 @@ def test_a_rebalance_while_waiting_for_forwards_loses_nothing(live_settings: Set
     assert _item_counts(s) == Counter({"i0": 2, "i1": 2})
 
 
+def test_a_small_batch_applies_its_own_packs_from_their_delivery_reports_once(live_settings: Settings) -> None:
+    """Once an item partition's stage has caught up, the packs a batch sends there are applied from their
+    delivery reports in the same step (not read back); the consumer reads them later and drops them, and
+    a restarted worker applies none of them again."""
+    s, producer, worker = _assigned_worker(live_settings, 2.0)
+    by_item = s.topics.by_item
+    part = partition_for("i0", s.partitions)
+    try:
+        deadline = time.monotonic() + 60
+        _produce_clicks(producer, s, range(1), users=3, items=1)  # e0: the partition's first pack, read back
+        while worker.stats.item_records < 1:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        assert worker.stats.own_packs_inline == 0 and worker.stats.forward_waits == 1
+        assert worker._item_next[part] == 1
+        _produce_clicks(producer, s, range(1, 2), users=3, items=1)  # e1 on i0
+        while worker.stats.events < 2:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        # the step that applied e1 applied its pack too, without waiting to read it
+        assert worker.stats.own_packs_inline == 1 and worker.stats.forward_waits == 1
+        assert worker.stats.item_records == 2 and _item_counts(s) == Counter({"i0": 2})
+        consumer = worker._consumer
+        assert consumer is not None
+        while consumer.position([TopicPartition(by_item, part)])[0].offset < 2:  # the consumer reads the pack
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        worker.step()
+    finally:
+        worker.close()
+    stats = worker.stats
+    assert (stats.item_records, stats.resent_forwards, stats.redelivered, stats.duplicates) == (2, 0, 0, 0)
+    assert _item_counts(s) == Counter({"i0": 2})
+    again = StreamWorker(s)
+    again.start()
+    try:
+        deadline = time.monotonic() + 60
+        _produce_clicks(producer, s, range(2, 3), users=3, items=1)
+        while again.stats.events < 1:
+            assert time.monotonic() < deadline, again.stats.snapshot()
+            again.step()
+        while again.stats.item_records < 1:
+            assert time.monotonic() < deadline, again.stats.snapshot()
+            again.step()
+    finally:
+        again.close()
+    assert again.stats.item_records == 1 and again.stats.redelivered == 0
+    assert _item_counts(s) == Counter({"i0": 3}) and _user_counts(s) == Counter({"u0": 1, "u1": 1, "u2": 1})
+
+
 def test_the_producer_cli_plays_slate_sessions_into_the_events_topic(live_settings: Settings) -> None:
     """``freshrec produce --sessions N``: N valid events keyed by user, each user's in event-time order."""
     ensure_topics(live_settings)
