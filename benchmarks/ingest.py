@@ -105,15 +105,22 @@ def raw_consumer_rate(settings: Settings, n: int) -> float:
     return got / dt
 
 
-def cycle_line(s: dict[str, object]) -> str:
-    """The worker's batches since its phase times were reset: records a batch and ms a batch in each phase."""
-    n = int(s.get("window_batches") or 0)  # type: ignore[call-overload]
+def cycle_line(s: dict[str, Any]) -> str:
+    """The worker's batches since its phase times were reset: records a batch, ms a batch in each phase,
+    the loop thread's CPU a record, the longest batch and the collector's pauses."""
+    n = int(s.get("window_batches") or 0)
     if not n:
         return "no batches"
-    phases: dict[str, float] = s["phase_s"]  # type: ignore[assignment]
+    records = int(s["window_records"])
+    phases: dict[str, float] = s["phase_s"]
     parts = " ".join(f"{k} {v * 1000 / n:.1f}" for k, v in phases.items())
     total = sum(phases.values()) * 1000 / n
-    return f"{n} batches of {int(s['window_records']) / n:,.0f} records; ms a batch: {parts} (sum {total:.1f})"  # type: ignore[call-overload]
+    return (
+        f"{n} batches of {records / n:,.0f} records; ms a batch: {parts} (sum {total:.1f}); loop thread "
+        f"{float(s['window_cpu_s']) * 1e6 / max(1, records):.1f} us CPU a record; longest batch "
+        f"{s['window_max_batch_ms']} ms; gc pauses {s['gc_runs']}, {float(s['gc_s']) * 1000:.0f} ms, longest "
+        f"{s['gc_max_ms']} ms"
+    )
 
 
 class WorkerProc:
@@ -365,7 +372,8 @@ def main() -> None:
         u50, u99 = s["user_fresh_p50_ms"], s["user_fresh_p99_ms"]
         print(f"freshness at {target:,.0f} events/s: p50 {f50:.1f} ms p99 {f99:.1f} ms "
               f"(user stage p50 {u50:.1f} p99 {u99:.1f}; batches {s['batches']}, waits for own forwards "
-              f"{s['forward_waits']}: {s['forward_wait_total_s']} s, {s['forward_wait_timeouts']} at the limit)",
+              f"{s['forward_waits']}: {s['forward_wait_total_s']} s, {s['forward_wait_timeouts']} at the limit; "
+              f"packs applied from their delivery reports {s['own_packs_inline']})",
               flush=True)  # fmt: skip
         print(f"live cycle: {cycle_line(s)}", flush=True)
 

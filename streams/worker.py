@@ -22,6 +22,7 @@ Per loop iteration (see docs/ARCHITECTURE.md for why this is not a Faust agent):
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import resource
@@ -125,6 +126,15 @@ class WorkerStats:
     phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     window_batches: int = 0
     window_records: int = 0
+    #: the longest batch (a step that consumed records, its waits included) in the same window, in ms,
+    #: and the CPU seconds of the loop's thread in those batches (``time.thread_time``)
+    window_max_batch_ms: float = 0.0
+    window_cpu_s: float = 0.0
+    #: the cyclic garbage collector's pauses in the same window (``gc.callbacks``): seconds in all, the
+    #: longest in ms, and how many
+    gc_s: float = 0.0
+    gc_max_ms: float = 0.0
+    gc_runs: int = 0
     first_batch_at: float | None = None
     last_batch_at: float | None = None
     #: CPU seconds of the loop's thread (``time.thread_time``) when the first batch began and when the
@@ -136,7 +146,19 @@ class WorkerStats:
 
     #: (samples added so far, p50/p99 of both lists) as of the last snapshot
     _fresh_cache: tuple[int, list[float | None]] = (-1, [])
+    _gc_began: float = 0.0
     fresh_added: int = 0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A ``gc.callbacks`` hook: time the collector's pauses."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_began
+        self.gc_s += took
+        self.gc_runs += 1
+        if took * 1000 > self.gc_max_ms:
+            self.gc_max_ms = took * 1000
 
     def reset_freshness(self) -> None:
         """Forget the freshness samples and the phase times (e.g. between benchmark phases)."""
@@ -145,6 +167,11 @@ class WorkerStats:
         self.phase_s = dict.fromkeys(PHASES, 0.0)
         self.window_batches = 0
         self.window_records = 0
+        self.window_max_batch_ms = 0.0
+        self.window_cpu_s = 0.0
+        self.gc_s = 0.0
+        self.gc_max_ms = 0.0
+        self.gc_runs = 0
         self.fresh_added += 1
 
     def _quantiles(self) -> list[float | None]:
@@ -183,6 +210,11 @@ class WorkerStats:
             "phase_s": {k: round(v, 4) for k, v in self.phase_s.items()},
             "window_batches": self.window_batches,
             "window_records": self.window_records,
+            "window_max_batch_ms": round(self.window_max_batch_ms, 1),
+            "window_cpu_s": round(self.window_cpu_s, 4),
+            "gc_s": round(self.gc_s, 4),
+            "gc_max_ms": round(self.gc_max_ms, 1),
+            "gc_runs": self.gc_runs,
             "build": _compiled.build(),
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "item_records": self.item_records,
@@ -859,6 +891,8 @@ class StreamWorker:
 
         s = self.settings
         self._epoch = ensure_topics(s)
+        if self.stats.on_gc not in gc.callbacks:
+            gc.callbacks.append(self.stats.on_gc)
         # A record whose delivery fails (an error from the broker, or ``message.timeout.ms`` passed)
         # leaves the client's queue, so ``flush`` alone reports success: the delivery reports catch it,
         # and the batch is not committed (``_check_delivered``).
@@ -887,6 +921,8 @@ class StreamWorker:
 
     def close(self) -> None:
         """Close clients and stores."""
+        if self.stats.on_gc in gc.callbacks:
+            gc.callbacks.remove(self.stats.on_gc)
         if self._consumer is not None:
             self._consumer.close()
         if self._tail is not None:
@@ -1008,6 +1044,8 @@ class StreamWorker:
             if stopped:
                 return 0
         began = time.monotonic()
+        started_ms = self.clock() * 1000.0
+        started_cpu = time.thread_time()
         self._tail_replica()
         started = time.monotonic()
         msgs = self._consumer.consume(self.settings.batch_size, self.settings.poll_timeout_s)
@@ -1050,8 +1088,12 @@ class StreamWorker:
         self.stats.batches += 1
         self.stats.window_batches += 1
         self.stats.window_records += len(msgs)
+        took_ms = now_ms - started_ms
+        if took_ms > self.stats.window_max_batch_ms:
+            self.stats.window_max_batch_ms = took_ms
         self.stats.last_batch_at = now_ms / 1000.0
         self.stats.last_batch_cpu_s = time.thread_time()
+        self.stats.window_cpu_s += self.stats.last_batch_cpu_s - started_cpu
         self._maybe_write_stats()
         return len(msgs)
 

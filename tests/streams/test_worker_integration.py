@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import os
 import signal
@@ -621,6 +622,32 @@ def test_a_small_batch_applies_its_own_packs_from_their_delivery_reports_once(li
         again.close()
     assert again.stats.item_records == 1 and again.stats.redelivered == 0
     assert _item_counts(s) == Counter({"i0": 3}) and _user_counts(s) == Counter({"u0": 1, "u1": 1, "u2": 1})
+
+
+def test_the_stats_time_the_phases_of_a_batch_and_the_collectors_pauses(live_settings: Settings) -> None:
+    s, producer, worker = _assigned_worker(live_settings, 2.0)
+    try:
+        worker.stats.reset_freshness()
+        _produce_clicks(producer, s, range(20), users=3, items=2)
+        deadline = time.monotonic() + 60
+        while worker.stats.events < 20 or worker.stats.item_records < 20:
+            assert time.monotonic() < deadline, worker.stats.snapshot()
+            worker.step()
+        assert worker.stats.on_gc in gc.callbacks
+        gc.collect()
+        snap = worker.stats.snapshot()
+    finally:
+        worker.close()
+    assert worker.stats.on_gc not in gc.callbacks
+    phases = snap["phase_s"]
+    assert set(phases) == {"idle", "tail", "consume", "apply", "deliver", "write", "forwards"}
+    assert min(phases["consume"], phases["apply"], phases["deliver"], phases["write"]) > 0, phases
+    assert 1 <= snap["window_batches"] <= snap["batches"] and snap["window_records"] >= 20
+    assert snap["window_cpu_s"] > 0 and snap["window_max_batch_ms"] > 0
+    assert snap["gc_runs"] >= 1 and snap["gc_s"] > 0 and snap["gc_max_ms"] > 0
+    worker.stats.reset_freshness()
+    again = worker.stats.snapshot()
+    assert set(again["phase_s"].values()) == {0.0} and again["window_batches"] == again["gc_runs"] == 0
 
 
 def test_the_producer_cli_plays_slate_sessions_into_the_events_topic(live_settings: Settings) -> None:
