@@ -123,6 +123,23 @@ def cycle_line(s: dict[str, Any]) -> str:
     )
 
 
+#: the worker subprocesses this run started: killed when the run ends early (``_cleanup``)
+_WORKERS: list[subprocess.Popen[bytes]] = []
+
+
+def _cleanup_on_exit() -> None:
+    """SIGTERM ends the run as an exception does: the ``finally`` blocks stop the broker and ``_cleanup``
+    the workers (an interrupted run once left a Tansu and a worker running for an hour)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _cleanup() -> None:
+    for proc in _WORKERS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class WorkerProc:
     """A ``freshrec worker`` subprocess with a fast stats file."""
 
@@ -136,6 +153,7 @@ class WorkerProc:
              "--stats-path", str(stats)],
             cwd=ROOT, env=env, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        _WORKERS.append(self.proc)
 
     def stats(self) -> dict[str, object]:
         try:
@@ -300,10 +318,12 @@ def impression_cpu(args: argparse.Namespace) -> None:
             f"item_changelog_records_per_impression={item_cl:.2f} worker_batches_per_s={steps_per_s:.1f}"
         )
     finally:
+        _cleanup()
         broker.stop()
 
 
 def main() -> None:
+    _cleanup_on_exit()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=600_000)
     ap.add_argument("--crash-events", type=int, default=200_000)
@@ -412,6 +432,7 @@ def main() -> None:
             f"lost={lost_u + lost_i} duplicated={dup_u + dup_i}"
         )
     finally:
+        _cleanup()
         broker.stop()
 
 
