@@ -847,8 +847,9 @@ class StreamWorker:
         self._consumer: Consumer | None = None
         #: changelogs and the DLQ; delivery reports for failures only (``_delivery_failed``)
         self._producer: Producer | None = None
-        #: forward packs; a delivery report for every pack (``_on_pack_delivered``: the forward wait needs
-        #: their offsets). Two producers, so that the many state records cost no success report each.
+        #: forward packs; a delivery report for every pack (``_on_pack_delivered``: the same-step application
+        #: of a batch's own forwards needs their bytes and offsets). Two producers, so that the many state
+        #: records cost no success report each.
         self._pack_producer: Producer | None = None
         #: records whose delivery failed since the last check: (count, "topic[partition]: error" of the first)
         self._undelivered: tuple[int, str] = (0, "")
@@ -858,10 +859,9 @@ class StreamWorker:
         self._next_batch_at = 0.0
         #: input records consumed while waiting for forwards (``_apply_own_forwards``): the next batch's head
         self._carry: list[Message] = []
-        #: by-item partition -> offset of the last forward pack this batch sent there (delivery reports)
-        self._pack_offsets: dict[int, int] = {}
         #: the delivery reports of the packs this batch sent to this worker's own item partitions (with
-        #: their bytes and offsets: ``_apply_own_packs`` applies them without reading them back)
+        #: their bytes and offsets: ``_apply_own_packs`` applies them without reading them back, and
+        #: ``_apply_own_forwards`` reads back the rest)
         self._own_packs: list[Message] = []
         #: own by-item partition -> the next offset its item stage applies (committed); records below it
         #: were applied from their delivery reports and are dropped when the consumer reads them
@@ -1067,14 +1067,14 @@ class StreamWorker:
         groups = _by_partition(msgs)
         fresh_user: list[int] = []
         fresh_item: list[int] = []
-        self._pack_offsets = {}
         self._own_packs = []
         try:
             self._apply_and_commit(groups, fresh_user, fresh_item)
             wait = self.settings.forward_wait_s
             if len(msgs) < self.settings.batch_size and wait > 0:
-                self._apply_own_packs(fresh_item)
-                self._apply_own_forwards(wait, fresh_item)
+                unread = self._apply_own_packs(fresh_item)
+                if unread:
+                    self._apply_own_forwards(wait, fresh_item, unread)
         except BaseException:
             # cached states are mutated in place before the commit: never keep them past a failure
             for shard in self._shards.values():
@@ -1158,13 +1158,10 @@ class StreamWorker:
         if err is not None:
             self._delivery_failed(err, msg)
             return
-        p, off = cast(int, msg.partition()), cast(int, msg.offset())
-        if off > self._pack_offsets.get(p, -1):
-            self._pack_offsets[p] = off
-        if p in self._own_items:
+        if msg.partition() in self._own_items:
             self._own_packs.append(msg)
 
-    def _apply_own_packs(self, fresh_item: list[int]) -> None:
+    def _apply_own_packs(self, fresh_item: list[int]) -> dict[int, int]:
         """Apply the forward packs the batch sent to this worker's own item partitions from their delivery reports.
 
         A delivery report holds the pack's bytes and offset, so the item stage need not read the pack
@@ -1173,44 +1170,42 @@ class StreamWorker:
         worker's record in between, nothing unread); the rest are read back (``_apply_own_forwards``)
         or in a later batch. The consumer reads the applied packs later and they are dropped by offset
         (``_item_batch``). A crash before the commit leaves them to be read and applied then.
+
+        Returns the rest: partition -> offset of the last pack there that was not applied.
         """
         packs = self._own_packs
         self._own_packs = []
-        if not packs:
-            return
         packs.sort(key=_part_offset)
         take: list[Message] = []
+        unread: dict[int, int] = {}
         nxt = -1
         last_p = -1
         for m in packs:
-            p = cast(int, _msg_partition(m))
+            p, off = _part_offset(m)
             if p != last_p:
                 last_p = p
                 nxt = self._item_next.get(p, -1)
-            if _msg_offset(m) == nxt:
+            if off == nxt:
                 take.append(m)
                 nxt += 1
-        if not take:
-            return
-        self.stats.own_packs_inline += len(take)
-        self._apply_and_commit(_by_partition(take), [], fresh_item)
-        for p, nxt in self._item_next.items():
-            if self._pack_offsets.get(p, 1 << 62) < nxt:
-                del self._pack_offsets[p]  # its last pack is applied: nothing to read back there
+            else:
+                unread[p] = off  # (sorted: the last one written is the partition's last)
+        if take:
+            self.stats.own_packs_inline += len(take)
+            self._apply_and_commit(_by_partition(take), [], fresh_item)
+        return unread
 
-    def _apply_own_forwards(self, wait_s: float, fresh_item: list[int]) -> None:
+    def _apply_own_forwards(self, wait_s: float, fresh_item: list[int], want: dict[int, int]) -> None:
         """Read back the forward packs the batch just sent to this worker's item partitions, and apply them.
 
-        Up to ``wait_s``. Every forward record read is applied (other workers' too); the other
-        records read (new input) are kept as the next batch's head. A
+        ``want``: partition -> offset of the last pack to read there. Up to ``wait_s``. Every forward
+        record read is applied (other workers' too); the other records read (new input) are kept as the
+        next batch's head. A
         rebalance while waiting (its callbacks run inside ``consume``) drops what was read before it:
         the assignment seeks to the stored offsets, so it is read again. What the same ``consume``
         returns after the callbacks comes from the new assignment and is kept, and the wait ends.
         """
         assert self._consumer is not None
-        want = {p: off for p, off in self._pack_offsets.items() if p in self._own_items}
-        if not want:
-            return
         by_item = self.settings.topics.by_item
         began = time.monotonic()
         deadline = began + wait_s
